@@ -1,0 +1,326 @@
+//! One replication session: connect, stream, store, acknowledge.
+//!
+//! Three tasks cooperate:
+//! * the **reader** owns the socket's read half, decodes walsender frames and passes
+//!   them on through a bounded channel (backpressure); a keepalive that asks for a
+//!   reply wakes the status task at once;
+//! * the **status** task owns the write half and sends a Standby Status Update with the
+//!   acknowledged position at least every `status_interval` and whenever asked, so
+//!   the walsender never times out even while storage is slow;
+//! * the **session** loop (this function) assembles transactions into the queue,
+//!   flushes it in groups and then publishes the new acknowledged position.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use switchback_config::Config;
+use switchback_core::{metric, Lsn};
+use switchback_pg::hub;
+use switchback_pg::replication::{ReplicationClient, StreamEvent};
+use switchback_pg::PgError;
+use switchback_pgoutput::{decode_frame, Decoder, ReplicationFrame};
+use switchback_queue::QueueWriter;
+use tokio::sync::{mpsc, watch, Notify};
+
+use crate::assemble::{Assembler, Step};
+use crate::setup::Plan;
+use crate::{CaptureError, CaptureProgress};
+
+enum Frame {
+    Data { data: Vec<u8> },
+    Keepalive { wal_end: u64 },
+    End,
+}
+
+/// Commits between two forced flushes under continuous load.
+const MAX_UNFLUSHED_COMMITS: usize = 2000;
+
+pub async fn session<Q: QueueWriter + Send>(
+    cfg: &Config,
+    plan: &Plan,
+    queue: &mut Q,
+    shutdown: &mut watch::Receiver<bool>,
+    progress: &watch::Sender<CaptureProgress>,
+) -> Result<(), CaptureError> {
+    let hub_cfg = cfg
+        .hub_pg()
+        .map_err(|e| CaptureError::Setup(e.to_string()))?;
+    let mut client = ReplicationClient::connect(
+        &hub_cfg,
+        &format!("switchback_capture_{}", cfg.pipeline.name),
+    )
+    .await?;
+    // wal_sender_timeout: status at least every third of it.
+    let timeout_ms = client
+        .simple_query("SHOW wal_sender_timeout")
+        .await
+        .ok()
+        .and_then(|rows| rows.first().cloned())
+        .and_then(|r| r.into_iter().next().flatten())
+        .and_then(|v| parse_pg_duration_ms(&v))
+        .unwrap_or(cfg.capture.wal_sender_timeout_ms);
+    let mut status_interval = Duration::from_millis(cfg.capture.status_interval_ms.max(10));
+    if timeout_ms > 0 {
+        status_interval = status_interval.min(Duration::from_millis((timeout_ms / 3).max(10)));
+    }
+
+    let start = queue.last_end_lsn().unwrap_or(Lsn::ZERO);
+    let mut options = vec![
+        ("proto_version", format!("'{}'", plan.proto_version)),
+        (
+            "publication_names",
+            switchback_core::quote_literal(
+                &plan
+                    .publications
+                    .iter()
+                    .map(|p| switchback_core::quote_ident(p))
+                    .collect::<Vec<_>>()
+                    .join(","),
+            ),
+        ),
+    ];
+    if plan.server_version >= 140000 {
+        options.push(("messages", "'true'".into()));
+    }
+    if plan.streaming {
+        options.push(("streaming", "'on'".into()));
+    }
+    let (mut reader, mut writer) = client
+        .start_replication(&plan.slot, start, &options)
+        .await?;
+    tracing::info!(slot = %plan.slot, start = %start, "replication stream started");
+
+    // The acknowledged position starts at what the queue already holds durably.
+    let (ack_tx, ack_rx) = watch::channel(start);
+    progress.send_modify(|p| {
+        p.connected = true;
+        p.acked = p.acked.max(start);
+    });
+    let reply_now = Arc::new(Notify::new());
+    let (frames_tx, mut frames) = mpsc::channel::<Result<Frame, CaptureError>>(4096);
+
+    let reader_task = {
+        let reply_now = reply_now.clone();
+        tokio::spawn(async move {
+            loop {
+                let ev = match reader.next().await {
+                    Ok(ev) => ev,
+                    Err(e) => {
+                        let _ = frames_tx.send(Err(e.into())).await;
+                        return;
+                    }
+                };
+                let frame = match ev {
+                    StreamEvent::End => {
+                        let _ = frames_tx.send(Ok(Frame::End)).await;
+                        return;
+                    }
+                    StreamEvent::Data(bytes) => match decode_frame(&bytes) {
+                        Ok(ReplicationFrame::XLogData { data, .. }) => Frame::Data { data },
+                        Ok(ReplicationFrame::Keepalive {
+                            wal_end,
+                            reply_requested,
+                            ..
+                        }) => {
+                            if reply_requested {
+                                reply_now.notify_one();
+                            }
+                            // Keepalives are hints: drop them rather than wait when
+                            // the session is busy.
+                            let _ = frames_tx.try_send(Ok(Frame::Keepalive { wal_end }));
+                            continue;
+                        }
+                        Err(e) => {
+                            let _ = frames_tx
+                                .send(Err(CaptureError::Decode(e.to_string())))
+                                .await;
+                            return;
+                        }
+                    },
+                };
+                let end = matches!(frame, Frame::End);
+                if frames_tx.send(Ok(frame)).await.is_err() || end {
+                    return;
+                }
+            }
+        })
+    };
+
+    let (stop_status_tx, mut stop_status) = watch::channel(false);
+    let status_task = {
+        let reply_now = reply_now.clone();
+        let mut ack_rx = ack_rx.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(status_interval);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tokio::select! {
+                    _ = tick.tick() => {}
+                    _ = reply_now.notified() => {}
+                    r = ack_rx.changed() => { if r.is_err() { break; } }
+                    _ = stop_status.changed() => break,
+                }
+                let acked = *ack_rx.borrow_and_update();
+                if let Err(e) = writer.send_status(acked, acked, acked, false).await {
+                    return Err::<_, PgError>(e);
+                }
+            }
+            // Final acknowledgement, then end the stream.
+            let acked = *ack_rx.borrow();
+            writer.send_status(acked, acked, acked, false).await?;
+            let _ = writer.close().await;
+            Ok(())
+        })
+    };
+
+    let mut decoder = Decoder::new(plan.proto_version, false);
+    let mut asm = Assembler::new(cfg.capture.chunk_bytes);
+    // Highest end position handled (stored, empty or duplicate) since the last flush.
+    let mut handled: Option<Lsn> = None;
+    let mut unflushed_commits = 0usize;
+    let mut acked = start;
+
+    let result: Result<(), CaptureError> = async {
+        loop {
+            let frame = tokio::select! {
+                f = frames.recv() => f,
+                _ = shutdown.changed() => None,
+            };
+            let Some(frame) = frame else {
+                if *shutdown.borrow() {
+                    break Ok(());
+                }
+                return Err(PgError::Io {
+                    endpoint: "hub".into(),
+                    source: std::io::ErrorKind::UnexpectedEof.into(),
+                }
+                .into());
+            };
+            match frame? {
+                Frame::End => {
+                    return Err(PgError::Io {
+                        endpoint: "hub".into(),
+                        source: std::io::Error::other("the hub ended the replication stream"),
+                    }
+                    .into())
+                }
+                Frame::Keepalive { wal_end } => {
+                    // Idle: nothing in progress and everything stored is durable.
+                    if asm.idle() && handled.is_none() && Lsn(wal_end) > acked {
+                        acked = Lsn(wal_end);
+                        ack_tx.send_replace(acked);
+                        progress.send_modify(|p| p.acked = acked);
+                    }
+                }
+                Frame::Data { data, .. } => {
+                    let msg = decoder
+                        .decode(&data)
+                        .map_err(|e| CaptureError::Decode(e.to_string()))?;
+                    if let Step::Committed { end_lsn, stored } = asm.handle(queue, msg)? {
+                        handled = Some(handled.map_or(end_lsn, |h| h.max(end_lsn)));
+                        if stored {
+                            unflushed_commits += 1;
+                        }
+                    }
+                }
+            }
+            // Group commit: flush when the channel is drained or enough piled up.
+            if let Some(h) = handled {
+                if frames.is_empty() || unflushed_commits >= MAX_UNFLUSHED_COMMITS {
+                    if unflushed_commits > 0 {
+                        queue.flush().await?;
+                        metrics::counter!(metric::CAPTURE_FLUSHES_TOTAL).increment(1);
+                    }
+                    metrics::counter!(metric::CAPTURE_TRANSACTIONS_TOTAL)
+                        .increment(asm.stored_txns);
+                    metrics::counter!(metric::CAPTURE_CHANGES_TOTAL).increment(asm.stored_changes);
+                    metrics::counter!(metric::CAPTURE_DUPLICATES_TOTAL).increment(asm.duplicates);
+                    asm.stored_txns = 0;
+                    asm.stored_changes = 0;
+                    asm.duplicates = 0;
+                    unflushed_commits = 0;
+                    handled = None;
+                    if h > acked {
+                        acked = h;
+                        ack_tx.send_replace(acked);
+                        metrics::gauge!(metric::CAPTURE_ACKED_LSN).set(acked.0 as f64);
+                        progress.send_modify(|p| p.acked = acked);
+                    }
+                }
+            }
+        }
+    }
+    .await;
+
+    // Whatever happened, drop half-written transactions and make the rest durable
+    // before the final acknowledgement.
+    let cleanup = async {
+        asm.abandon(queue)?;
+        queue.flush().await?;
+        Ok::<_, CaptureError>(())
+    }
+    .await;
+    if result.is_ok() {
+        if let Some(h) = handled {
+            if h > acked {
+                ack_tx.send_replace(h);
+                progress.send_modify(|p| p.acked = h);
+            }
+        }
+    }
+    let _ = stop_status_tx.send(true);
+    reader_task.abort();
+    let status_result = tokio::time::timeout(Duration::from_secs(5), status_task).await;
+    result?;
+    cleanup?;
+    match status_result {
+        Ok(Ok(Err(e))) => Err(e.into()),
+        _ => Ok(()),
+    }
+}
+
+/// Parses `SHOW wal_sender_timeout` output (`60s`, `500ms`, `1min`, `0`).
+fn parse_pg_duration_ms(v: &str) -> Option<u64> {
+    let v = v.trim();
+    let split = v.find(|c: char| !c.is_ascii_digit()).unwrap_or(v.len());
+    let (n, unit) = v.split_at(split);
+    let n: u64 = n.parse().ok()?;
+    Some(match unit {
+        "" | "ms" => n,
+        "s" => n * 1000,
+        "min" => n * 60_000,
+        "h" => n * 3_600_000,
+        "d" => n * 86_400_000,
+        _ => return None,
+    })
+}
+
+/// Turns a definite error into the clearest message: an invalidated slot says so.
+pub async fn explain(cfg: &Config, e: CaptureError) -> CaptureError {
+    if let CaptureError::Pg(ref pg) = e {
+        if pg.code().as_deref() == Some("55000") {
+            if let Ok(hub_cfg) = cfg.hub_pg() {
+                if let Ok(session) = hub::connect(&hub_cfg, "hub").await {
+                    if let Ok(Some(s)) = hub::slot_state(&session, &cfg.slot_name()).await {
+                        if s.wal_status.as_deref() == Some("lost") {
+                            return hub::slot_lost_error(&session.endpoint, &cfg.slot_name())
+                                .into();
+                        }
+                    }
+                }
+            }
+        }
+    }
+    e
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn durations() {
+        assert_eq!(super::parse_pg_duration_ms("60s"), Some(60_000));
+        assert_eq!(super::parse_pg_duration_ms("500ms"), Some(500));
+        assert_eq!(super::parse_pg_duration_ms("1min"), Some(60_000));
+        assert_eq!(super::parse_pg_duration_ms("0"), Some(0));
+    }
+}

@@ -1,0 +1,106 @@
+//! Command-line interface.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+/// switchback — PostgreSQL change-data-capture for blue/green database releases.
+///
+/// The hub (blue, production) keeps serving while switchback keeps the member
+/// (green) in sync: capture reads the hub's committed changes through logical
+/// replication, stores them durably in a queue, and apply writes them into the
+/// member exactly once, hub wins.
+///
+/// Typical use:
+///   switchback check --config sync.toml      # validate both sides first
+///   switchback run --config sync.toml        # capture + apply in one process
+///   switchback status --config sync.toml     # lag, queue depth, conflicts
+#[derive(Parser, Debug)]
+#[command(name = "switchback", version, about, long_about, verbatim_doc_comment)]
+pub struct Cli {
+    #[command(flatten)]
+    pub global: Global,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Args, Debug)]
+pub struct Global {
+    /// Log format: human-readable lines, or one JSON object per line.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Human, env = "SWITCHBACK_LOG_FORMAT")]
+    pub log_format: LogFormat,
+    /// Log filter (tracing syntax), e.g. `info` or `switchback_apply=debug`.
+    #[arg(long, global = true, default_value = "info", env = "SWITCHBACK_LOG")]
+    pub log: String,
+}
+
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LogFormat {
+    Human,
+    Json,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct ConfigArg {
+    /// Pipeline configuration file (TOML). See README.md for every key.
+    #[arg(long, short = 'c', env = "SWITCHBACK_CONFIG")]
+    pub config: PathBuf,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Capture and apply in one process over the embedded queue (the default deployment).
+    ///
+    /// Runs until SIGINT or SIGTERM, then stops gracefully: the queue is flushed, the
+    /// hub's slot acknowledged and the member's progress committed.
+    Run(ConfigArg),
+    /// Capture only: stream the hub's changes into the queue until SIGINT/SIGTERM.
+    ///
+    /// Creates the publication and the replication slot on first start. The slot is
+    /// acknowledged only for transactions that are durable in the queue.
+    Capture(ConfigArg),
+    /// Apply only: write the queued transactions into the member, then keep following.
+    Apply(ApplyArgs),
+    /// Show slot lag on the hub, queue depth, last applied position, lag and conflicts.
+    Status(StatusArgs),
+    /// Inspect the queue.
+    #[command(subcommand)]
+    Queue(QueueCommand),
+}
+
+#[derive(Args, Debug)]
+pub struct ApplyArgs {
+    #[command(flatten)]
+    pub config: ConfigArg,
+    /// Stop once the queue is empty instead of following it.
+    #[arg(long)]
+    pub until_empty: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct StatusArgs {
+    #[command(flatten)]
+    pub config: ConfigArg,
+    /// Print one JSON object instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum QueueCommand {
+    /// Print the stored transactions, oldest first.
+    ///
+    /// With --json: one JSON object per line with xid, commit_lsn, end_lsn,
+    /// commit_time, origin and changes (op, schema, table, new, old, unchanged).
+    /// Values are printed: mind where the output goes.
+    Dump(DumpArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct DumpArgs {
+    #[command(flatten)]
+    pub config: ConfigArg,
+    /// One JSON object per transaction and line.
+    #[arg(long)]
+    pub json: bool,
+}

@@ -1,0 +1,106 @@
+//! The durable queue between capture and apply.
+//!
+//! # Contract
+//!
+//! * **Visibility.** A transaction's records are appended while it is in progress
+//!   (memory stays bounded whatever its size) and become visible to readers only
+//!   when the writer commits it. Discarded (aborted) transactions never become
+//!   visible.
+//! * **Order.** Committed transactions are read in the order they were committed to
+//!   the queue, which capture guarantees is the hub's commit order; each gets a
+//!   sequence number (`seq`) that only grows.
+//! * **Durability.** [`QueueWriter::flush`] returns once everything committed before
+//!   it survives a crash (kill -9, power loss). Only then may capture acknowledge the
+//!   hub's slot up to those transactions' `end_lsn`.
+//! * **No duplicates from the writer.** [`QueueWriter::last_end_lsn`] is the end LSN of
+//!   the last committed transaction; capture drops any transaction at or below it
+//!   that the hub sends again after a restart.
+//! * **Redelivery.** A reader may see a transaction again after a crash (its
+//!   acknowledgement was not durable yet): apply deduplicates by `end_lsn` against
+//!   the progress it keeps in the member.
+//! * **Acknowledgement and retention.** [`QueueReader::ack`] marks every transaction up
+//!   to `seq` as applied; the queue may then delete them. Acknowledging never moves
+//!   backwards.
+
+pub mod sled_log;
+
+use switchback_core::{Lsn, Record, TxnHeader};
+
+pub use sled_log::SledLog;
+
+#[derive(Debug, thiserror::Error)]
+pub enum QueueError {
+    #[error("queue storage at {path}: {message}")]
+    Storage { path: String, message: String },
+    #[error("queue at {path} is in use by another switchback process (only one process can open an embedded sled log; stop it or use `switchback status`)")]
+    Locked { path: String },
+    #[error("queue record: {0}")]
+    Format(#[from] switchback_core::record::FormatError),
+    #[error("queue is corrupt: {0}")]
+    Corrupt(String),
+    #[error("unknown in-progress transaction {0} in queue writer")]
+    UnknownOpen(u64),
+}
+
+impl switchback_core::Classify for QueueError {
+    fn class(&self) -> switchback_core::ErrorClass {
+        switchback_core::ErrorClass::Definite
+    }
+}
+
+/// Identifies a transaction that is being written and is not visible yet.
+pub type OpenId = u64;
+
+/// A committed transaction as a reader sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QueuedTxn {
+    pub seq: u64,
+    pub header: TxnHeader,
+}
+
+/// Depth of the queue: what is committed and not acknowledged.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+pub struct Depth {
+    pub transactions: u64,
+    pub bytes: u64,
+    pub first_seq: Option<u64>,
+    pub last_seq: Option<u64>,
+    pub last_end_lsn: Option<Lsn>,
+}
+
+/// The capture side.
+pub trait QueueWriter {
+    /// Starts a transaction that is not visible until [`commit`](Self::commit).
+    fn open(&mut self) -> OpenId;
+    /// Appends records to an open transaction. `subxid` tags them so that a
+    /// sub-transaction abort can drop exactly its own (use the top xid otherwise).
+    fn append(&mut self, id: OpenId, subxid: u32, records: &[Record]) -> Result<(), QueueError>;
+    /// Drops an open transaction and everything appended to it.
+    fn discard(&mut self, id: OpenId) -> Result<(), QueueError>;
+    /// Drops the records of one sub-transaction of an open transaction.
+    fn discard_subxact(&mut self, id: OpenId, subxid: u32) -> Result<(), QueueError>;
+    /// Makes an open transaction visible, after every transaction committed before.
+    /// Not durable until [`flush`](Self::flush).
+    fn commit(&mut self, id: OpenId, header: TxnHeader) -> Result<u64, QueueError>;
+    /// Waits until everything committed so far is durable.
+    fn flush(&mut self) -> impl std::future::Future<Output = Result<(), QueueError>> + Send;
+    /// End LSN of the last committed transaction.
+    fn last_end_lsn(&self) -> Option<Lsn>;
+}
+
+/// The apply side.
+pub trait QueueReader {
+    /// The first committed transaction with `seq >= from`, if any.
+    fn next_from(&self, from: u64) -> Result<Option<QueuedTxn>, QueueError>;
+    /// The records of a committed transaction, in order, chunk by chunk.
+    fn records(
+        &self,
+        txn: &QueuedTxn,
+    ) -> Result<Box<dyn Iterator<Item = Result<Vec<Record>, QueueError>> + Send + '_>, QueueError>;
+    /// Acknowledges every transaction with `seq <= upto`; they may be deleted.
+    fn ack(&self, upto: u64) -> Result<(), QueueError>;
+    /// The highest acknowledged seq.
+    fn acked(&self) -> Result<Option<u64>, QueueError>;
+    /// What is committed and not acknowledged.
+    fn depth(&self) -> Result<Depth, QueueError>;
+}
