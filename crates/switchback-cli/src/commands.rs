@@ -10,24 +10,24 @@ use switchback_queue::{QueueReader, SledLog};
 use tokio::sync::watch;
 use tracing::Instrument;
 
-use crate::cli::{Cli, Command, ConfigArg, DumpArgs, QueueCommand};
+use crate::cli::{ApplyArgs, Cli, Command, ConfigArg, DumpArgs, QueueCommand};
 use crate::{signals, telemetry};
 
 pub async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Capture(c) => capture(c).await,
         Command::Queue(QueueCommand::Dump(d)) => dump(d).await,
-        Command::Run(_) | Command::Apply(_) | Command::Status(_) => {
-            anyhow::bail!("not implemented yet")
-        }
+        Command::Run(c) => run(c).await,
+        Command::Apply(a) => apply(a).await,
+        Command::Status(s) => crate::status::status(s).await,
     }
 }
 
-fn load(c: &ConfigArg) -> anyhow::Result<Config> {
+pub fn load(c: &ConfigArg) -> anyhow::Result<Config> {
     Ok(Config::load(&c.config)?)
 }
 
-fn open_queue(cfg: &Config) -> anyhow::Result<SledLog> {
+pub fn open_queue(cfg: &Config) -> anyhow::Result<SledLog> {
     std::fs::create_dir_all(&cfg.queue.path)
         .with_context(|| format!("cannot create queue directory {}", cfg.queue.path.display()))?;
     Ok(SledLog::open(&cfg.queue.path)?)
@@ -94,5 +94,126 @@ async fn dump(d: DumpArgs) -> anyhow::Result<ExitCode> {
         }
     }
     out.flush()?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Capture and apply in one process over the embedded sled log.
+async fn run(c: ConfigArg) -> anyhow::Result<ExitCode> {
+    let cfg = load(&c)?;
+    telemetry::init_metrics(cfg.metrics.listen.as_deref())?;
+    let mut writer = open_queue(&cfg)?;
+    let reader = writer.clone();
+    let shutdown = signals::shutdown_on_signals();
+    // A definite error in one half stops the other.
+    let (stop_tx, stop_rx) = watch::channel(false);
+    {
+        let mut s = shutdown.clone();
+        let stop_tx = stop_tx.clone();
+        tokio::spawn(async move {
+            let _ = s.wait_for(|v| *v).await;
+            let _ = stop_tx.send(true);
+        });
+    }
+    let (cap_tx, cap_rx) = watch::channel(switchback_capture::CaptureProgress::default());
+    let (apply_tx, apply_rx) = watch::channel(switchback_apply::ApplyStatus::default());
+    let (wake_tx, wake_rx) = watch::channel(());
+    {
+        let mut cap_rx = cap_rx.clone();
+        tokio::spawn(async move {
+            while cap_rx.changed().await.is_ok() {
+                let _ = wake_tx.send(());
+            }
+        });
+    }
+    let status_task = tokio::spawn(crate::status::publish(
+        cfg.clone(),
+        reader.clone(),
+        cap_rx.clone(),
+        apply_rx.clone(),
+        stop_rx.clone(),
+    ));
+
+    let capture = {
+        let cfg = cfg.clone();
+        let stop_rx = stop_rx.clone();
+        let stop_tx = stop_tx.clone();
+        let span = tracing::info_span!("capture", pipeline = %cfg.pipeline.name, direction = "hub_to_member", slot = %cfg.slot_name());
+        tokio::spawn(
+            async move {
+                let r = switchback_capture::run(&cfg, &mut writer, stop_rx, cap_tx).await;
+                if r.is_err() {
+                    let _ = stop_tx.send(true);
+                }
+                r
+            }
+            .instrument(span),
+        )
+    };
+    let apply = {
+        let cfg = cfg.clone();
+        let stop_rx = stop_rx.clone();
+        let stop_tx = stop_tx.clone();
+        let span = tracing::info_span!("apply", pipeline = %cfg.pipeline.name, direction = "hub_to_member", origin = %cfg.origin_name());
+        tokio::spawn(
+            async move {
+                let opts = switchback_apply::ApplyOptions {
+                    until_empty: false,
+                    wake: Some(wake_rx),
+                };
+                let r = switchback_apply::run(&cfg, &reader, stop_rx, opts, apply_tx).await;
+                if r.is_err() {
+                    let _ = stop_tx.send(true);
+                }
+                r
+            }
+            .instrument(span),
+        )
+    };
+    let (cap_res, apply_res) = tokio::join!(capture, apply);
+    let _ = stop_tx.send(true);
+    let _ = status_task.await;
+    let cap_res = cap_res.context("capture task panicked")?;
+    let apply_res = apply_res.context("apply task panicked")?;
+    match (cap_res, apply_res) {
+        (Err(e), _) => Err(anyhow::Error::new(e).context("capture cannot continue")),
+        (_, Err(e)) => Err(anyhow::Error::new(e)
+            .context("apply cannot continue; the queue keeps every transaction not applied")),
+        _ => {
+            tracing::info!("stopped cleanly");
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+/// Apply alone, from the queue.
+async fn apply(a: ApplyArgs) -> anyhow::Result<ExitCode> {
+    let cfg = load(&a.config)?;
+    telemetry::init_metrics(cfg.metrics.listen.as_deref())?;
+    let reader = open_queue(&cfg)?;
+    let shutdown = signals::shutdown_on_signals();
+    let (apply_tx, apply_rx) = watch::channel(switchback_apply::ApplyStatus::default());
+    let (_cap_tx, cap_rx) = watch::channel(switchback_capture::CaptureProgress::default());
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let status_task = tokio::spawn(crate::status::publish(
+        cfg.clone(),
+        reader.clone(),
+        cap_rx,
+        apply_rx,
+        stop_rx,
+    ));
+    let span = tracing::info_span!("apply", pipeline = %cfg.pipeline.name, direction = "hub_to_member", origin = %cfg.origin_name());
+    let opts = switchback_apply::ApplyOptions {
+        until_empty: a.until_empty,
+        wake: None,
+    };
+    let r = switchback_apply::run(&cfg, &reader, shutdown, opts, apply_tx)
+        .instrument(span)
+        .await;
+    let _ = stop_tx.send(true);
+    let _ = status_task.await;
+    r.map_err(|e| {
+        anyhow::Error::new(e)
+            .context("apply cannot continue; the queue keeps every transaction not applied")
+    })?;
     Ok(ExitCode::SUCCESS)
 }

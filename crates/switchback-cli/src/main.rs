@@ -4,6 +4,7 @@
 mod cli;
 mod commands;
 mod signals;
+mod status;
 mod telemetry;
 
 use std::process::ExitCode;

@@ -1,0 +1,67 @@
+//! Apply progress in the member: a replication origin per pipeline.
+//!
+//! `pg_replication_origin_xact_setup(end_lsn, commit_time)` inside each member
+//! transaction records the hub position atomically with the rows (it is written
+//! in the commit record and restored by crash recovery), and tags the rows with
+//! the origin so a reverse stream can recognise and drop them.
+
+use switchback_core::{quote_literal, Lsn};
+use tokio_postgres::Client;
+
+use crate::ApplyError;
+
+/// Creates the origin if needed, binds this session to it and returns the last
+/// applied hub position.
+pub async fn setup(member: &Client, origin: &str) -> Result<Lsn, ApplyError> {
+    let exists = member
+        .query_one(
+            "SELECT pg_replication_origin_oid($1) IS NOT NULL",
+            &[&origin],
+        )
+        .await
+        .map_err(ApplyError::member)?
+        .get::<_, bool>(0);
+    if !exists {
+        member
+            .execute("SELECT pg_replication_origin_create($1)", &[&origin])
+            .await
+            .map_err(ApplyError::member)?;
+        tracing::info!(origin, "created replication origin on the member");
+    }
+    member
+        .execute("SELECT pg_replication_origin_session_setup($1)", &[&origin])
+        .await
+        .map_err(ApplyError::member)?;
+    let lsn: Option<String> = member
+        .query_one(
+            "SELECT pg_replication_origin_session_progress(false)::text",
+            &[],
+        )
+        .await
+        .map_err(ApplyError::member)?
+        .get(0);
+    Ok(lsn.and_then(|l| l.parse().ok()).unwrap_or(Lsn::ZERO))
+}
+
+/// Reads an origin's progress from any session (for status).
+pub async fn read(member: &Client, origin: &str) -> Result<Option<Lsn>, ApplyError> {
+    let row = member
+        .query_one(
+            "SELECT CASE WHEN pg_replication_origin_oid($1) IS NULL THEN NULL \
+                    ELSE pg_replication_origin_progress($1, false)::text END",
+            &[&origin],
+        )
+        .await
+        .map_err(ApplyError::member)?;
+    Ok(row.get::<_, Option<String>>(0).and_then(|l| l.parse().ok()))
+}
+
+/// The statement that stamps the current member transaction with the hub position.
+pub fn stamp(end_lsn: Lsn, commit_time: i64) -> String {
+    let ts = switchback_core::time::format_pg_timestamp(commit_time);
+    format!(
+        "SELECT pg_replication_origin_xact_setup({}::pg_lsn, {}::timestamptz)",
+        quote_literal(&end_lsn.to_string()),
+        quote_literal(&ts)
+    )
+}

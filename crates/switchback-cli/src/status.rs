@@ -1,0 +1,307 @@
+//! `switchback status`, and the status file a running process keeps fresh.
+//!
+//! The embedded sled log can be opened by one process only, so `run`, `capture`
+//! and `apply` write their view (queue depth, apply progress, conflicts) to
+//! `<queue.path>.status.json` every second; `status` reads it and adds what it can
+//! ask the databases itself (slot lag on the hub, progress on the member).
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::{Duration, SystemTime};
+
+use serde::{Deserialize, Serialize};
+use switchback_apply::ApplyStatus;
+use switchback_capture::CaptureProgress;
+use switchback_config::Config;
+use switchback_core::metric;
+use switchback_queue::{Depth, QueueReader, SledLog};
+use tokio::sync::watch;
+
+use crate::cli::StatusArgs;
+
+/// What a running process publishes.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct ProcessStatus {
+    pub pid: u32,
+    pub updated_at: String,
+    pub updated_unix_ms: u64,
+    pub capture_connected: bool,
+    pub capture_acked_lsn: Option<String>,
+    pub queue_transactions: u64,
+    pub queue_bytes: u64,
+    pub apply: Option<ApplyStatusFile>,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct ApplyStatusFile {
+    pub connected: bool,
+    pub last_applied_lsn: Option<String>,
+    pub last_commit_time: Option<String>,
+    pub lag_seconds: f64,
+    pub applied_transactions: u64,
+    pub conflicts: std::collections::BTreeMap<String, u64>,
+}
+
+pub fn status_path(cfg: &Config) -> PathBuf {
+    let mut p = cfg.queue.path.clone().into_os_string();
+    p.push(".status.json");
+    PathBuf::from(p)
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+fn snapshot(
+    reader: &SledLog,
+    cap: &CaptureProgress,
+    apply: &ApplyStatus,
+    with_apply: bool,
+) -> ProcessStatus {
+    let depth = reader.depth().unwrap_or(Depth::default());
+    metrics::gauge!(metric::QUEUE_DEPTH_TRANSACTIONS).set(depth.transactions as f64);
+    metrics::gauge!(metric::QUEUE_DEPTH_BYTES).set(depth.bytes as f64);
+    ProcessStatus {
+        pid: std::process::id(),
+        updated_at: humantime::format_rfc3339_millis(SystemTime::now()).to_string(),
+        updated_unix_ms: now_ms(),
+        capture_connected: cap.connected,
+        capture_acked_lsn: (cap.acked.0 > 0).then(|| cap.acked.to_string()),
+        queue_transactions: depth.transactions,
+        queue_bytes: depth.bytes,
+        apply: with_apply.then(|| ApplyStatusFile {
+            connected: apply.connected,
+            last_applied_lsn: apply.last_applied_lsn.clone(),
+            last_commit_time: apply.last_commit_time.clone(),
+            lag_seconds: apply.lag_seconds,
+            applied_transactions: apply.applied_transactions,
+            conflicts: apply
+                .conflicts
+                .iter()
+                .map(|(k, v)| (k.as_str().to_string(), *v))
+                .collect(),
+        }),
+    }
+}
+
+fn write_atomic(path: &PathBuf, st: &ProcessStatus) {
+    let tmp = path.with_extension("json.tmp");
+    let res = (|| -> std::io::Result<()> {
+        let mut f = std::fs::File::create(&tmp)?;
+        serde_json::to_writer_pretty(&mut f, st)?;
+        f.write_all(b"\n")?;
+        std::fs::rename(&tmp, path)
+    })();
+    if let Err(e) = res {
+        tracing::debug!(error = %e, "cannot write status file");
+    }
+}
+
+/// Refreshes the status file every second until `stop`, and once more at the end.
+pub async fn publish(
+    cfg: Config,
+    reader: SledLog,
+    cap: watch::Receiver<CaptureProgress>,
+    apply: watch::Receiver<ApplyStatus>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let path = status_path(&cfg);
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = stop.changed() => {}
+        }
+        let st = snapshot(&reader, &cap.borrow(), &apply.borrow(), true);
+        write_atomic(&path, &st);
+        if *stop.borrow() {
+            return;
+        }
+    }
+}
+
+/// Everything `status` prints.
+#[derive(Debug, Serialize)]
+struct Report {
+    pipeline: String,
+    slot: String,
+    hub_reachable: bool,
+    slot_exists: bool,
+    slot_active: bool,
+    slot_wal_status: Option<String>,
+    slot_confirmed_lsn: Option<String>,
+    slot_lag_bytes: Option<i64>,
+    member_reachable: bool,
+    member_applied_lsn: Option<String>,
+    process_running: bool,
+    process: Option<ProcessStatus>,
+    queue_transactions: Option<u64>,
+    queue_bytes: Option<u64>,
+    lag_seconds: Option<f64>,
+    conflicts: std::collections::BTreeMap<String, u64>,
+    problems: Vec<String>,
+}
+
+pub async fn status(a: StatusArgs) -> anyhow::Result<ExitCode> {
+    let cfg = crate::commands::load(&a.config)?;
+    let mut r = Report {
+        pipeline: cfg.pipeline.name.clone(),
+        slot: cfg.slot_name(),
+        hub_reachable: false,
+        slot_exists: false,
+        slot_active: false,
+        slot_wal_status: None,
+        slot_confirmed_lsn: None,
+        slot_lag_bytes: None,
+        member_reachable: false,
+        member_applied_lsn: None,
+        process_running: false,
+        process: None,
+        queue_transactions: None,
+        queue_bytes: None,
+        lag_seconds: None,
+        conflicts: Default::default(),
+        problems: Vec::new(),
+    };
+    match switchback_pg::hub::connect(&cfg.hub_pg()?, "hub").await {
+        Ok(hub) => {
+            r.hub_reachable = true;
+            match switchback_pg::hub::slot_state(&hub, &cfg.slot_name()).await {
+                Ok(Some(s)) => {
+                    r.slot_exists = true;
+                    r.slot_active = s.active_pid.is_some();
+                    r.slot_confirmed_lsn = s.confirmed_flush.map(|l| l.to_string());
+                    r.slot_lag_bytes = s.lag_bytes;
+                    if s.wal_status.as_deref() == Some("lost") {
+                        r.problems.push("the slot is invalidated (wal_status = lost): the member must be re-seeded".into());
+                    }
+                    r.slot_wal_status = s.wal_status;
+                }
+                Ok(None) => r
+                    .problems
+                    .push("the hub has no slot for this pipeline yet (capture creates it)".into()),
+                Err(e) => r.problems.push(format!("cannot read the slot: {e}")),
+            }
+        }
+        Err(e) => r.problems.push(format!("hub unreachable: {e}")),
+    }
+    match switchback_pg::hub::connect(&cfg.member_pg()?, "member").await {
+        Ok(m) => {
+            r.member_reachable = true;
+            match switchback_apply::progress::read(&m.client, &cfg.origin_name()).await {
+                Ok(l) => r.member_applied_lsn = l.map(|l| l.to_string()),
+                Err(e) => r.problems.push(format!("cannot read apply progress: {e}")),
+            }
+        }
+        Err(e) => r.problems.push(format!("member unreachable: {e}")),
+    }
+    let file: Option<ProcessStatus> = std::fs::read(status_path(&cfg))
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok());
+    let fresh = file
+        .as_ref()
+        .is_some_and(|f| now_ms().saturating_sub(f.updated_unix_ms) < 5_000);
+    if fresh {
+        let f = file.clone().unwrap_or_default();
+        r.process_running = true;
+        r.queue_transactions = Some(f.queue_transactions);
+        r.queue_bytes = Some(f.queue_bytes);
+        if let Some(ap) = &f.apply {
+            r.lag_seconds = Some(ap.lag_seconds);
+            r.conflicts = ap.conflicts.clone();
+        }
+        r.process = Some(f);
+    } else if cfg.queue.path.exists() {
+        // Nothing running: the queue can be opened directly.
+        match SledLog::open(&cfg.queue.path) {
+            Ok(q) => {
+                let d = q.depth()?;
+                r.queue_transactions = Some(d.transactions);
+                r.queue_bytes = Some(d.bytes);
+            }
+            Err(e) => r.problems.push(format!("cannot open the queue: {e}")),
+        }
+        if let Some(f) = file {
+            if let Some(ap) = &f.apply {
+                r.conflicts = ap.conflicts.clone();
+            }
+            r.process = Some(f);
+        }
+    }
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&r)?);
+    } else {
+        print_report(&r);
+    }
+    Ok(if r.problems.is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(3)
+    })
+}
+
+fn print_report(r: &Report) {
+    let dash = || "-".to_string();
+    println!("pipeline          {}", r.pipeline);
+    println!(
+        "process           {}",
+        if r.process_running {
+            format!("running (pid {})", r.process.as_ref().map_or(0, |p| p.pid))
+        } else {
+            "not running".into()
+        }
+    );
+    println!(
+        "hub slot          {} {}",
+        r.slot,
+        if !r.slot_exists {
+            "(missing)".to_string()
+        } else if r.slot_active {
+            "(active)".to_string()
+        } else {
+            "(inactive)".to_string()
+        }
+    );
+    println!(
+        "  confirmed       {}   wal_status {}",
+        r.slot_confirmed_lsn.clone().unwrap_or_else(dash),
+        r.slot_wal_status.clone().unwrap_or_else(dash)
+    );
+    println!(
+        "  lag             {}",
+        r.slot_lag_bytes.map_or_else(dash, |b| format!("{b} bytes"))
+    );
+    println!(
+        "queue             {} transactions, {} bytes",
+        r.queue_transactions.map_or_else(dash, |v| v.to_string()),
+        r.queue_bytes.map_or_else(dash, |v| v.to_string())
+    );
+    let ap = r.process.as_ref().and_then(|p| p.apply.as_ref());
+    println!(
+        "member applied    {}   (hub commit {})",
+        r.member_applied_lsn.clone().unwrap_or_else(dash),
+        ap.and_then(|a| a.last_commit_time.clone())
+            .unwrap_or_else(dash)
+    );
+    println!(
+        "apply lag         {}",
+        r.lag_seconds.map_or_else(dash, |s| format!("{s:.3} s"))
+    );
+    if r.conflicts.is_empty() {
+        println!("conflicts         none");
+    } else {
+        let list: Vec<String> = r
+            .conflicts
+            .iter()
+            .map(|(k, v)| format!("{k} {v}"))
+            .collect();
+        println!("conflicts         {}", list.join(", "));
+    }
+    for p in &r.problems {
+        println!("problem           {p}");
+    }
+}
