@@ -15,15 +15,22 @@
 //!
 //! # Durability point
 //!
-//! A commit writes the header and the meta keys in one atomic batch of the `txns`
-//! tree, after its chunks. [`SledLog::flush`] flushes the whole database (sled's
-//! flush covers every tree); capture acknowledges the hub only after it returns.
-//! sled recovers a prefix of its write log, so a header that survived a crash has
-//! its chunks.
+//! A commit is one single-key write: the header, after its chunks. The meta keys
+//! are written after it and only ever grow, so recovery takes the maximum of each
+//! meta key and what the headers show. [`SledLog::flush`] flushes the whole
+//! database (sled's flush covers every tree); capture acknowledges the hub only
+//! after it returns. sled recovers a prefix of its write log, so a header that
+//! survived a crash has its chunks.
+//!
+//! No multi-key `apply_batch` is used anywhere: in sled 0.34 it takes a global write
+//! lock and can deadlock against the background flusher when a node split needs a
+//! new segment (seen here under `switchback run`). Every step is a single-key write
+//! ordered so that a crash between two steps leaves a state recovery understands.
 //!
 //! # Retention
 //!
-//! [`QueueReader::ack`] deletes headers and chunks up to a seq and records `acked`.
+//! [`QueueReader::ack`] records `acked`, then deletes headers up to it, each before
+//! its chunks (a crash in between leaves orphaned chunks, which recovery deletes).
 //!
 //! # Recovery
 //!
@@ -173,14 +180,20 @@ impl SledLog {
     fn recover(&mut self) -> Result<(), QueueError> {
         self.last_end = self.meta_u64(META_LAST_END)?.map(Lsn);
         let mut next_seq = self.meta_u64(META_NEXT_SEQ)?.unwrap_or(1);
+        if let Some(acked) = self.meta_u64(META_ACKED)? {
+            next_seq = next_seq.max(acked + 1);
+        }
         let mut referenced = HashSet::new();
         let mut max_data = 0;
+        let mut last_end = self.last_end;
         for h in self.headers() {
             let (seq, h) = h?;
             next_seq = next_seq.max(seq + 1);
+            last_end = last_end.max(Some(h.header.end_lsn));
             referenced.insert(h.data_id);
             max_data = max_data.max(h.data_id);
         }
+        self.last_end = last_end;
         // Delete chunks of transactions that never committed.
         let mut cursor = 0u64;
         let mut orphans = 0u64;
@@ -197,12 +210,7 @@ impl SledLog {
             let id = read_u64(&kv.0[..8])?;
             max_data = max_data.max(id);
             if !referenced.contains(&id) {
-                let mut batch = sled::Batch::default();
-                for k in self.data.scan_prefix(be64(id)).keys() {
-                    batch.remove(k.map_err(|e| self.storage(e))?);
-                    orphans += 1;
-                }
-                self.data.apply_batch(batch).map_err(|e| self.storage(e))?;
+                orphans += self.remove_prefix(id)?;
             }
             match id.checked_add(1) {
                 Some(n) => cursor = n,
@@ -245,6 +253,29 @@ impl SledLog {
 
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// Deletes every chunk of `data_id`, one key at a time; returns how many.
+    fn remove_prefix(&self, data_id: u64) -> Result<u64, QueueError> {
+        let mut n = 0;
+        for k in self.data.scan_prefix(be64(data_id)).keys() {
+            self.data
+                .remove(k.map_err(|e| self.storage(e))?)
+                .map_err(|e| self.storage(e))?;
+            n += 1;
+        }
+        Ok(n)
+    }
+
+    /// Raises a meta counter (never lowers it).
+    fn raise_meta(&self, key: &[u8], value: u64) -> Result<(), QueueError> {
+        self.txns
+            .fetch_and_update(key, |old| {
+                let old = old.and_then(|o| o.try_into().ok()).map(u64::from_be_bytes);
+                Some(be64(old.map_or(value, |o| o.max(value))).to_vec())
+            })
+            .map_err(|e| self.storage(e))?;
+        Ok(())
     }
 }
 
@@ -290,17 +321,14 @@ impl QueueWriter for SledLog {
 
     fn discard(&mut self, id: OpenId) -> Result<(), QueueError> {
         let t = self.open.remove(&id).ok_or(QueueError::UnknownOpen(id))?;
-        let mut batch = sled::Batch::default();
-        for k in self.data.scan_prefix(be64(t.data_id)).keys() {
-            batch.remove(k.map_err(|e| self.storage(e))?);
-        }
-        self.data.apply_batch(batch).map_err(|e| self.storage(e))
+        self.remove_prefix(t.data_id)?;
+        Ok(())
     }
 
     fn discard_subxact(&mut self, id: OpenId, subxid: u32) -> Result<(), QueueError> {
         let t = self.open.get_mut(&id).ok_or(QueueError::UnknownOpen(id))?;
         let prefix = be64(t.data_id);
-        let mut batch = sled::Batch::default();
+        let mut doomed = Vec::new();
         for kv in self.data.scan_prefix(prefix) {
             let (k, v) = kv.map_err(|e| QueueError::Storage {
                 path: self.path.display().to_string(),
@@ -311,10 +339,13 @@ impl QueueWriter for SledLog {
                 t.records = t.records.saturating_sub(n);
                 t.bytes = t.bytes.saturating_sub((v.len() - 4) as u64);
                 t.chunks = t.chunks.saturating_sub(1);
-                batch.remove(k);
+                doomed.push(k);
             }
         }
-        self.data.apply_batch(batch).map_err(|e| self.storage(e))
+        for k in doomed {
+            self.data.remove(k).map_err(|e| self.storage(e))?;
+        }
+        Ok(())
     }
 
     fn commit(&mut self, id: OpenId, mut header: TxnHeader) -> Result<u64, QueueError> {
@@ -335,11 +366,12 @@ impl QueueWriter for SledLog {
             data_id: t.data_id,
             chunks: t.chunks,
         };
-        let mut batch = sled::Batch::default();
-        batch.insert(&be64(seq), record::encode(&stored)?);
-        batch.insert(META_LAST_END, &be64(header.end_lsn.0));
-        batch.insert(META_NEXT_SEQ, &be64(seq + 1));
-        self.txns.apply_batch(batch).map_err(|e| self.storage(e))?;
+        // The header is the commit point; the meta keys only summarise it.
+        self.txns
+            .insert(be64(seq), record::encode(&stored)?)
+            .map_err(|e| self.storage(e))?;
+        self.raise_meta(META_LAST_END, header.end_lsn.0)?;
+        self.raise_meta(META_NEXT_SEQ, seq + 1)?;
         self.next_seq += 1;
         self.last_end = Some(header.end_lsn);
         Ok(seq)
@@ -404,26 +436,19 @@ impl QueueReader for SledLog {
     }
 
     fn ack(&self, upto: u64) -> Result<(), QueueError> {
-        if let Some(prev) = self.meta_u64(META_ACKED)? {
-            if upto <= prev {
-                return Ok(());
-            }
-        }
-        let mut tbatch = sled::Batch::default();
-        let mut dbatch = sled::Batch::default();
+        // `acked` first: a reader never goes back before it, whatever is left below.
+        self.raise_meta(META_ACKED, upto)?;
+        let mut doomed = Vec::new();
         for kv in self.txns.range(..=be64(upto)) {
             let (k, v) = kv.map_err(|e| self.storage(e))?;
-            let h: StoredHeader = record::decode(&v)?;
-            for dk in self.data.scan_prefix(be64(h.data_id)).keys() {
-                dbatch.remove(dk.map_err(|e| self.storage(e))?);
-            }
-            tbatch.remove(k);
+            doomed.push((k, record::decode::<StoredHeader>(&v)?.data_id));
         }
-        tbatch.insert(META_ACKED, &be64(upto));
-        // Chunks first: a crash in between leaves headers whose data is gone only
-        // for transactions already applied, which apply skips by LSN anyway.
-        self.data.apply_batch(dbatch).map_err(|e| self.storage(e))?;
-        self.txns.apply_batch(tbatch).map_err(|e| self.storage(e))
+        for (k, data_id) in doomed {
+            // Header before chunks: no header ever points at missing chunks.
+            self.txns.remove(k).map_err(|e| self.storage(e))?;
+            self.remove_prefix(data_id)?;
+        }
+        Ok(())
     }
 
     fn acked(&self) -> Result<Option<u64>, QueueError> {

@@ -1,0 +1,70 @@
+#!/usr/bin/env bash
+# Drain benchmark: the same backlog of pgbench -N transactions is drained by
+# PostgreSQL's native subscription and by `switchback run`, side by side on the
+# same throwaway clusters, in one invocation. Prints both times and the ratio.
+#
+#   benches/drain.sh                 # TXNS=20000 SCALE=10 RUNS=1
+#   TXNS=20000 RUNS=3 benches/drain.sh
+#
+# Method (as ../shared/bench/native-peers.sh): both slots exist before the
+# backlog is written; the clock starts when the consumer is enabled and stops
+# when the member holds every pgbench_history row of the hub.
+set -euo pipefail
+here=$(cd "$(dirname "$0")/.." && pwd)
+source "$here/scripts/cluster.sh"
+TXNS=${TXNS:-20000} SCALE=${SCALE:-10} RUNS=${RUNS:-1}
+export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$HOME/.cache/switchback-target}
+(cd "$here" && cargo build --release -q -p switchback-cli)
+SB=$CARGO_TARGET_DIR/release/switchback
+HP=$(free_port); MP=$(free_port)
+trap 'kill $(jobs -p) 2>/dev/null; cluster_destroy hub; cluster_destroy member; rm -rf "$SB_ROOT"' EXIT
+cluster_start hub "$HP"; cluster_start member "$MP"
+H() { psql -h 127.0.0.1 -p "$HP" -U postgres -X -q -v ON_ERROR_STOP=1 "$@"; }
+M() { psql -h 127.0.0.1 -p "$MP" -U postgres -X -q -v ON_ERROR_STOP=1 "$@"; }
+now() { date +%s.%N; }
+
+"$PG_BIN/pgbench" -h 127.0.0.1 -p "$HP" -U postgres -i -s "$SCALE" -q postgres >/dev/null 2>&1
+H -c "alter table pgbench_history add column hid bigserial primary key"
+for db in native sb; do
+  M -c "create database $db"
+  "$PG_BIN/pg_dump" -h 127.0.0.1 -p "$HP" -U postgres postgres | M -d "$db" >/dev/null
+done
+H -c "create publication native_pub for all tables"
+M -d native -c "create subscription native_sub connection 'host=127.0.0.1 port=$HP user=postgres dbname=postgres' publication native_pub with (copy_data = false, enabled = false)"
+cat > "$SB_ROOT/sb.toml" <<TOML
+[hub]
+url = "postgres://postgres@127.0.0.1:$HP/postgres"
+[member]
+url = "postgres://postgres@127.0.0.1:$MP/sb"
+[pipeline]
+name = "bench"
+[queue]
+path = "$SB_ROOT/queue"
+TOML
+# Create switchback's publication and slot, then stop: both consumers start behind.
+"$SB" --log warn capture --config "$SB_ROOT/sb.toml" & pid=$!
+until [ "$(H -Atc "select count(*) from pg_replication_slots where slot_name = 'switchback_bench'")" = 1 ]; do sleep 0.1; done
+kill -INT $pid; wait $pid
+
+wait_rows() { # db want
+  until [ "$(M -d "$1" -Atc "select count(*) from pgbench_history")" -ge "$2" ]; do sleep 0.05; done
+}
+for run in $(seq 1 "$RUNS"); do
+  M -d native -c "alter subscription native_sub disable"
+  "$PG_BIN/pgbench" -h 127.0.0.1 -p "$HP" -U postgres -c 4 -j 2 -t $((TXNS / 4)) -N postgres >/dev/null 2>&1
+  want=$(H -Atc "select count(*) from pgbench_history")
+  t=$(now); M -d native -c "alter subscription native_sub enable"; wait_rows native "$want"
+  native=$(echo "$(now) - $t" | bc)
+  t=$(now); "$SB" --log warn run --config "$SB_ROOT/sb.toml" & pid=$!; wait_rows sb "$want"
+  sb=$(echo "$(now) - $t" | bc)
+  kill -INT $pid; wait $pid
+  printf 'run %d: txns %d  native_drain %.2f s  switchback_drain %.2f s  ratio switchback/native %.2f\n' \
+    "$run" "$TXNS" "$native" "$sb" "$(echo "$sb / $native" | bc -l)"
+done
+# The two members must be equal to the hub.
+for t in pgbench_accounts pgbench_branches pgbench_tellers pgbench_history; do
+  q="select count(*) || ':' || md5(string_agg(x::text, ',' order by x::text)) from $t x"
+  h=$(H -Atc "$q"); n=$(M -d native -Atc "$q"); s=$(M -d sb -Atc "$q")
+  [ "$h" = "$s" ] && [ "$h" = "$n" ] || { echo "MISMATCH in $t: hub $h native $n switchback $s"; exit 1; }
+done
+echo "members equal to the hub"
