@@ -17,7 +17,7 @@ export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$HOME/.cache/switchback-target}
 (cd "$here" && cargo build --release -q -p switchback-cli)
 SB=$CARGO_TARGET_DIR/release/switchback
 HP=$(free_port); MP=$(free_port)
-trap 'kill $(jobs -p) 2>/dev/null; cluster_destroy hub; cluster_destroy member; rm -rf "$SB_ROOT"' EXIT
+trap 'kill $(jobs -p) 2>/dev/null || true; cluster_destroy hub; cluster_destroy member; rm -rf "$SB_ROOT"' EXIT
 cluster_start hub "$HP"; cluster_start member "$MP"
 H() { psql -h 127.0.0.1 -p "$HP" -U postgres -X -q -v ON_ERROR_STOP=1 "$@"; }
 M() { psql -h 127.0.0.1 -p "$MP" -U postgres -X -q -v ON_ERROR_STOP=1 "$@"; }

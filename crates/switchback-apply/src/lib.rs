@@ -3,9 +3,9 @@
 //!
 //! * Consecutive hub transactions are grouped into one member transaction (commit
 //!   order kept); a hub transaction is never split across member transactions.
-//! * Statements are sent as multi-statement simple queries: one round trip carries
-//!   many row changes (bounded by `batch_changes`), which is what lets apply keep
-//!   up with a busy hub.
+//! * Each row change runs a prepared statement (one per table and change shape)
+//!   with text-format parameters; statements are pipelined: sent back to back and
+//!   their outcomes read afterwards, so a group costs about one round trip.
 //! * Progress (the last hub `end_lsn`) is stamped into the same member transaction
 //!   through a replication origin ([`progress`]); on restart everything at or
 //!   below it is skipped, then acknowledged in the queue.
@@ -18,7 +18,10 @@ pub mod sql;
 pub mod target;
 
 use std::collections::{BTreeMap, HashMap};
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use futures_util::StreamExt;
@@ -27,7 +30,7 @@ use switchback_core::{metric, Change, Classify, ErrorClass, Lsn, Record, Relatio
 use switchback_pg::error::describe_sql_error;
 use switchback_queue::{QueueError, QueueReader, QueuedTxn};
 use tokio::sync::watch;
-use tokio_postgres::{Client, SimpleQueryMessage};
+use tokio_postgres::{Client, Statement};
 
 pub use sql::Conflict;
 use sql::Expect;
@@ -54,6 +57,9 @@ pub enum ApplyError {
     Queue(#[from] QueueError),
     #[error("{0}")]
     Config(String),
+    /// Internal: the fast path met a conflict; the group is replayed carefully.
+    #[error("internal: group needs the careful replay")]
+    Replay,
 }
 
 fn sqlstate_transient(e: &tokio_postgres::Error) -> bool {
@@ -186,27 +192,46 @@ pub async fn run<R: QueueReader + Sync>(
     }
 }
 
-/// Row changes sent in one round trip at most.
+/// Row changes in flight (sent, outcome not read yet) at most.
 const STATEMENTS_PER_ROUND_TRIP: usize = 2000;
 /// Conflicts logged one by one per round trip; the rest are summarised.
 const CONFLICTS_LOGGED_PER_ROUND_TRIP: usize = 5;
-/// SQL bytes sent in one round trip at most.
-const BYTES_PER_ROUND_TRIP: usize = 4 << 20;
 
-struct Pending {
-    sql: String,
-    expects: Vec<(Expect, Option<usize>)>,
+type Outcome = Result<(u64, Option<bool>), tokio_postgres::Error>;
+type Pipelined = Pin<Box<dyn Future<Output = Outcome> + Send>>;
+
+/// A statement already sent to the member, whose outcome is read later.
+struct InFlight {
+    fut: Pipelined,
+    expect: Expect,
+    /// Index into the group's context (table, op, hub xid and end LSN).
+    ctx: Option<usize>,
+}
+
+/// Polls a future once so that tokio-postgres sends its request now: requests go
+/// out in the order they are submitted, and their outcomes are read later in the
+/// same order (pipelining).
+fn submit(mut fut: Pipelined) -> Pipelined {
+    let mut cx = Context::from_waker(std::task::Waker::noop());
+    if let Poll::Ready(out) = fut.as_mut().poll(&mut cx) {
+        return Box::pin(std::future::ready(out));
+    }
+    fut
 }
 
 struct Applier {
-    client: Client,
+    client: Arc<Client>,
     progress: Lsn,
-    /// Member definitions per hub relation OID, with the relation they were built for.
+    /// Member definitions per hub relation OID.
     targets: HashMap<u32, Arc<Target>>,
+    /// Prepared statements per shape.
+    statements: HashMap<sql::ShapeKey, (Statement, Arc<sql::Shape>)>,
     batch_txns: usize,
     batch_changes: usize,
     stats: ApplyStatus,
 }
+
+type Ctx = (Arc<Target>, &'static str, u32, Lsn);
 
 impl Applier {
     async fn start(cfg: &Config, client: Client) -> Result<Applier, ApplyError> {
@@ -234,9 +259,10 @@ impl Applier {
         let progress = progress::setup(&client, &cfg.origin_name()).await?;
         tracing::info!(progress = %progress, "apply resumes after the member's progress");
         Ok(Applier {
-            client,
+            client: Arc::new(client),
             progress,
             targets: HashMap::new(),
+            statements: HashMap::new(),
             batch_txns: cfg.apply.batch_txns,
             batch_changes: cfg.apply.batch_changes,
             stats: ApplyStatus::default(),
@@ -250,9 +276,44 @@ impl Applier {
             }
             tracing::info!(table = %rel.display_name(), "table definition changed on the hub");
         }
+        let oid = rel.oid;
         let t = Arc::new(target::resolve(&self.client, Arc::new(rel)).await?);
-        self.targets.insert(t.hub.oid, t.clone());
+        self.statements.retain(|k, _| k.rel != oid);
+        self.targets.insert(oid, t.clone());
         Ok(t)
+    }
+
+    async fn statement(
+        &mut self,
+        t: &Target,
+        key: &sql::ShapeKey,
+    ) -> Result<(Statement, Arc<sql::Shape>), ApplyError> {
+        if let Some(s) = self.statements.get(key) {
+            return Ok(s.clone());
+        }
+        let shape = Arc::new(sql::build(t, key));
+        let stmt = self.client.prepare(&shape.sql).await.map_err(|e| {
+            ApplyError::Schema(format!(
+                "table {}: cannot prepare the {:?} statement on the member: {}",
+                t.display,
+                key.kind,
+                describe_without_values(&e)
+            ))
+        })?;
+        self.statements
+            .insert(key.clone(), (stmt.clone(), shape.clone()));
+        Ok((stmt, shape))
+    }
+
+    fn send_simple(&self, sql: String) -> InFlight {
+        let client = self.client.clone();
+        InFlight {
+            fut: submit(Box::pin(async move {
+                client.batch_execute(&sql).await.map(|()| (0, None))
+            })),
+            expect: Expect::Nothing,
+            ctx: None,
+        }
     }
 
     /// Follows the queue from the first transaction not yet applied.
@@ -292,7 +353,13 @@ impl Applier {
                 }
                 continue;
             };
-            next_seq = self.apply_group(queue, first, status).await?;
+            next_seq = match self.apply_group(queue, first.clone(), status, false).await {
+                Err(ApplyError::Replay) => {
+                    tracing::debug!("conflict on the fast path; replaying the group with upserts");
+                    self.apply_group(queue, first, status, true).await?
+                }
+                r => r?,
+            };
         }
     }
 
@@ -303,12 +370,11 @@ impl Applier {
         queue: &R,
         first: QueuedTxn,
         status: &watch::Sender<ApplyStatus>,
+        careful: bool,
     ) -> Result<u64, ApplyError> {
-        let mut pending = Pending {
-            sql: String::from("BEGIN"),
-            expects: vec![(Expect::Nothing, None)],
-        };
-        let mut ctx: Vec<(Arc<Target>, &'static str, u32, Lsn)> = Vec::new();
+        let mut inflight: Vec<InFlight> = Vec::new();
+        let mut ctx: Vec<Ctx> = Vec::new();
+        let mut began = false;
         let mut txn = Some(first);
         let mut last: Option<QueuedTxn> = None;
         let mut skipped_upto: Option<u64> = None;
@@ -323,69 +389,87 @@ impl Applier {
                 // Applied before a restart; only its acknowledgement was lost.
                 skipped_upto = Some(seq);
             } else {
+                if !began {
+                    inflight.push(self.send_simple("BEGIN".into()));
+                    began = true;
+                }
                 let mut rels: HashMap<u32, Arc<Target>> = HashMap::new();
                 for chunk in queue.records(&t)? {
                     for rec in chunk? {
-                        match rec {
+                        let change = match rec {
                             Record::Relation(r) => {
                                 let tg = self.target(r).await?;
                                 rels.insert(tg.hub.oid, tg);
+                                continue;
                             }
-                            Record::Type(_) => {}
-                            Record::Change(c) => {
-                                let (sql, expect, tg, op) = match &c {
-                                    Change::Insert { rel, .. }
-                                    | Change::Update { rel, .. }
-                                    | Change::Delete { rel, .. } => {
-                                        let tg = rels.get(rel).cloned().ok_or_else(|| {
-                                            ApplyError::Data(format!(
-                                                "transaction at {} changes relation {rel} without its definition",
-                                                t.header.end_lsn
-                                            ))
-                                        })?;
-                                        let (s, e) = sql::row_change(&tg, &c)?;
-                                        let op = match c {
-                                            Change::Insert { .. } => "insert",
-                                            Change::Update { .. } => "update",
-                                            _ => "delete",
-                                        };
-                                        (s, e, Some(tg), op)
-                                    }
-                                    Change::Truncate {
-                                        rels: oids,
-                                        cascade,
-                                        restart_identity,
-                                    } => {
-                                        let tgs: Vec<Arc<Target>> = oids
-                                            .iter()
-                                            .filter_map(|o| rels.get(o).cloned())
-                                            .collect();
-                                        let refs: Vec<&Target> =
-                                            tgs.iter().map(|t| t.as_ref()).collect();
-                                        (
-                                            sql::truncate(&refs, *cascade, *restart_identity),
-                                            Expect::Nothing,
-                                            tgs.first().cloned(),
-                                            "truncate",
-                                        )
-                                    }
-                                    Change::Message { .. } => continue,
-                                };
-                                *ops.entry(op).or_default() += 1;
-                                let idx = tg.map(|tg| {
-                                    ctx.push((tg, op, t.header.xid, t.header.end_lsn));
-                                    ctx.len() - 1
-                                });
-                                pending.sql.push_str(";\n");
-                                pending.sql.push_str(&sql);
-                                pending.expects.push((expect, idx));
-                                changes += 1;
-                                if pending.expects.len() >= STATEMENTS_PER_ROUND_TRIP
-                                    || pending.sql.len() >= BYTES_PER_ROUND_TRIP
-                                {
-                                    self.send(&mut pending, &ctx, &mut conflicts).await?;
+                            Record::Type(_) | Record::Change(Change::Message { .. }) => continue,
+                            Record::Change(c) => c,
+                        };
+                        let item = match &change {
+                            Change::Truncate {
+                                rels: oids,
+                                cascade,
+                                restart_identity,
+                            } => {
+                                let tgs: Vec<Arc<Target>> =
+                                    oids.iter().filter_map(|o| rels.get(o).cloned()).collect();
+                                let refs: Vec<&Target> = tgs.iter().map(|t| t.as_ref()).collect();
+                                let mut f = self.send_simple(sql::truncate(
+                                    &refs,
+                                    *cascade,
+                                    *restart_identity,
+                                ));
+                                *ops.entry("truncate").or_default() += 1;
+                                if let Some(tg) = tgs.first() {
+                                    ctx.push((
+                                        tg.clone(),
+                                        "truncate",
+                                        t.header.xid,
+                                        t.header.end_lsn,
+                                    ));
+                                    f.ctx = Some(ctx.len() - 1);
+                                }
+                                f
+                            }
+                            Change::Insert { rel, .. }
+                            | Change::Update { rel, .. }
+                            | Change::Delete { rel, .. } => {
+                                let tg = rels.get(rel).cloned().ok_or_else(|| {
+                                    ApplyError::Data(format!(
+                                        "transaction at {} changes relation {rel} without its definition",
+                                        t.header.end_lsn
+                                    ))
+                                })?;
+                                let planned = sql::plan(&tg, &change, careful)?;
+                                let (stmt, shape) = self.statement(&tg, &planned.key).await?;
+                                let params = sql::params(&tg, &shape, &planned)?;
+                                *ops.entry(planned.op).or_default() += 1;
+                                ctx.push((tg.clone(), planned.op, t.header.xid, t.header.end_lsn));
+                                let client = self.client.clone();
+                                let returns = shape.expect.returns_row();
+                                InFlight {
+                                    fut: submit(Box::pin(async move {
+                                        let stream = client.query_raw(&stmt, params).await?;
+                                        let mut stream = std::pin::pin!(stream);
+                                        let mut returned = None;
+                                        while let Some(row) = stream.next().await {
+                                            let row = row?;
+                                            if returns {
+                                                returned = row.try_get::<_, bool>(0).ok();
+                                            }
+                                        }
+                                        Ok((stream.rows_affected().unwrap_or(0), returned))
+                                    })),
+                                    expect: shape.expect,
+                                    ctx: Some(ctx.len() - 1),
                                 }
                             }
+                            Change::Message { .. } => continue,
+                        };
+                        inflight.push(item);
+                        changes += 1;
+                        if inflight.len() >= STATEMENTS_PER_ROUND_TRIP {
+                            self.settle(&mut inflight, &ctx, &mut conflicts).await?;
                         }
                     }
                 }
@@ -411,15 +495,9 @@ impl Applier {
         let Some(last) = last else {
             unreachable!("a group without applied transactions returned early")
         };
-        pending.sql.push_str(";\n");
-        pending.sql.push_str(&progress::stamp(
-            last.header.end_lsn,
-            last.header.commit_time,
-        ));
-        pending.expects.push((Expect::Nothing, None));
-        pending.sql.push_str(";\nCOMMIT");
-        pending.expects.push((Expect::Nothing, None));
-        self.send(&mut pending, &ctx, &mut conflicts).await?;
+        let stamp = progress::stamp(last.header.end_lsn, last.header.commit_time);
+        inflight.push(self.send_simple(format!("{stamp}; COMMIT")));
+        self.settle(&mut inflight, &ctx, &mut conflicts).await?;
         // Durable in the member: now the queue may forget them.
         queue.ack(last.seq)?;
         self.progress = last.header.end_lsn;
@@ -445,89 +523,91 @@ impl Applier {
         Ok(last.seq + 1)
     }
 
-    /// Sends the pending statements in one round trip and reads their outcomes.
-    async fn send(
+    /// Reads the outcomes of the statements in flight, in order. The first error
+    /// ends the group: the member transaction is rolled back, the queue untouched.
+    async fn settle(
         &mut self,
-        pending: &mut Pending,
-        ctx: &[(Arc<Target>, &'static str, u32, Lsn)],
+        inflight: &mut Vec<InFlight>,
+        ctx: &[Ctx],
         conflicts: &mut BTreeMap<Conflict, u64>,
     ) -> Result<(), ApplyError> {
-        if pending.expects.is_empty() {
-            return Ok(());
-        }
-        let sql = std::mem::take(&mut pending.sql);
-        let expects = std::mem::take(&mut pending.expects);
-        let mut done = 0usize;
         let mut logged = 0usize;
         let mut unlogged = 0u64;
-        let mut returned: Option<String> = None;
-        let stream = self.client.simple_query_raw(&sql).await;
-        let result: Result<(), tokio_postgres::Error> = async {
-            let mut stream = std::pin::pin!(stream?);
-            while let Some(msg) = stream.next().await {
-                match msg? {
-                    SimpleQueryMessage::Row(r) => {
-                        returned = r.get(0).map(str::to_string);
-                    }
-                    SimpleQueryMessage::CommandComplete(rows) => {
-                        if let Some(&(expect, idx)) = expects.get(done) {
-                            if let Some(c) = expect.conflict(rows, returned.as_deref()) {
-                                *conflicts.entry(c).or_default() += 1;
-                                metrics::counter!(metric::APPLY_CONFLICTS_TOTAL, "kind" => c.as_str())
-                                    .increment(1);
-                                if logged >= CONFLICTS_LOGGED_PER_ROUND_TRIP {
-                                    unlogged += 1;
-                                } else if let Some((tg, op, xid, lsn)) = idx.and_then(|i| ctx.get(i)) {
-                                    logged += 1;
-                                    tracing::warn!(
-                                        table = %tg.display,
-                                        key = %tg.key_names(),
-                                        op,
-                                        conflict = c.as_str(),
-                                        xid,
-                                        end_lsn = %lsn,
-                                        "hub wins"
-                                    );
-                                }
-                            }
+        let mut failure = None;
+        let mut replay = false;
+        for item in inflight.drain(..) {
+            match item.fut.await {
+                Ok((0, _)) if item.expect == Expect::MustMatch => {
+                    replay = true;
+                    break;
+                }
+                Err(e)
+                    if item.ctx.is_some()
+                        && e.code() == Some(&tokio_postgres::error::SqlState::UNIQUE_VIOLATION) =>
+                {
+                    // The fast path's plain INSERT met an existing row (or an UPDATE
+                    // of a key met another row's key): the careful replay decides.
+                    replay = true;
+                    break;
+                }
+                Ok((rows, returned)) => {
+                    if let Some(c) = item.expect.conflict(rows, returned) {
+                        *conflicts.entry(c).or_default() += 1;
+                        metrics::counter!(metric::APPLY_CONFLICTS_TOTAL, "kind" => c.as_str())
+                            .increment(1);
+                        if logged >= CONFLICTS_LOGGED_PER_ROUND_TRIP {
+                            unlogged += 1;
+                        } else if let Some((tg, op, xid, lsn)) = item.ctx.and_then(|i| ctx.get(i)) {
+                            logged += 1;
+                            tracing::warn!(
+                                table = %tg.display,
+                                key = %tg.key_names(),
+                                op,
+                                conflict = c.as_str(),
+                                xid,
+                                end_lsn = %lsn,
+                                "hub wins"
+                            );
                         }
-                        returned = None;
-                        done += 1;
                     }
-                    _ => {}
+                }
+                Err(e) => {
+                    failure = Some((e, item.ctx));
+                    break;
                 }
             }
-            Ok(())
         }
-        .await;
         if unlogged > 0 {
             tracing::warn!(
                 more = unlogged,
                 "more hub-wins conflicts in this round trip (counted in status and metrics)"
             );
         }
-        if let Err(e) = result {
-            let transient = sqlstate_transient(&e);
-            let context = match expects
-                .get(done)
-                .and_then(|(_, idx)| *idx)
-                .and_then(|i| ctx.get(i))
-            {
-                Some((tg, op, xid, lsn)) => format!(
-                    "{op} on table {} (hub transaction {xid} ending at {lsn})",
-                    tg.display
-                ),
-                None => "applying a transaction group".to_string(),
-            };
-            if !transient {
-                let _ = self.client.batch_execute("ROLLBACK").await;
-            }
-            return Err(ApplyError::Statement {
-                context,
-                message: describe_without_values(&e),
-                transient,
-            });
+        if replay {
+            inflight.clear();
+            let _ = self.client.batch_execute("ROLLBACK").await;
+            return Err(ApplyError::Replay);
         }
-        Ok(())
+        let Some((e, at)) = failure else {
+            return Ok(());
+        };
+        // Later statements failed only because the transaction was aborted.
+        inflight.clear();
+        let transient = sqlstate_transient(&e);
+        let context = match at.and_then(|i| ctx.get(i)) {
+            Some((tg, op, xid, lsn)) => format!(
+                "{op} on table {} (hub transaction {xid} ending at {lsn})",
+                tg.display
+            ),
+            None => "applying a transaction group".to_string(),
+        };
+        if !transient {
+            let _ = self.client.batch_execute("ROLLBACK").await;
+        }
+        Err(ApplyError::Statement {
+            context,
+            message: describe_without_values(&e),
+            transient,
+        })
     }
 }

@@ -1,18 +1,20 @@
-//! SQL for each change, hub wins.
+//! Statements for each change, hub wins.
 //!
-//! Values travel as the hub's text output inside quoted literals
-//! (`standard_conforming_strings = on` on the apply session): the member parses them
-//! with its own input functions, so user types match by name, never by OID.
-//! Literals are untyped where the target column types them (VALUES, SET, WHERE) so
-//! assignment rules apply (a too-long varchar is an error, never truncated), and
-//! cast to the member's type where nothing else would (SELECT lists).
+//! Each change maps to a statement **shape** (table, kind, which columns are
+//! unchanged TOAST values) prepared once on the member and executed with the hub's
+//! values as **text-format parameters**: the member parses them with its own input
+//! functions, so user types match by name, never by OID, and a value is never
+//! reinterpreted on the way. Parameters in VALUES, SET and WHERE are typed by the
+//! target column (assignment rules apply: a too-long varchar is an error, never
+//! truncated); parameters in SELECT lists are cast to the member's type.
 //!
-//! Each statement comes with an [`Expect`]: how its command tag or returned row
-//! reveals a hub-wins conflict.
+//! Each shape comes with an [`Expect`]: how its outcome reveals a hub-wins conflict.
 
 use std::fmt::Write;
 
-use switchback_core::{quote_ident, quote_literal, Change, OldRow, OldRowKind, Value};
+use bytes::BytesMut;
+use switchback_core::{quote_ident, Change, OldRow, OldRowKind, Value};
+use tokio_postgres::types::{to_sql_checked, Format, IsNull, ToSql, Type};
 
 use crate::target::{Matching, Target};
 use crate::ApplyError;
@@ -45,13 +47,13 @@ impl Conflict {
 /// How to read a statement's outcome.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Expect {
-    /// Not a row change (BEGIN, COMMIT, progress, TRUNCATE).
+    /// Not a row change, or a change that cannot conflict.
     Nothing,
-    /// `RETURNING (xmax = 0)`: `f` means the row existed.
+    /// `RETURNING (xmax = 0)` of an INSERT written as upsert: `false` means the row existed.
     UpsertInsert,
     /// `INSERT ... ON CONFLICT DO NOTHING`: 0 rows means the row existed.
     InsertOrNothing,
-    /// `RETURNING (xmax = 0)` of an update written as upsert: `t` means the row was missing.
+    /// `RETURNING (xmax = 0)` of an UPDATE written as upsert: `true` means it was missing.
     UpsertUpdate,
     /// `WITH u AS (UPDATE ...) INSERT ... WHERE NOT EXISTS` (or an all-key upsert):
     /// for an UPDATE, 1 row inserted means the row was missing; for an INSERT
@@ -61,17 +63,19 @@ pub enum Expect {
     Update,
     /// DELETE: 0 rows means missing.
     Delete,
+    /// Fast path: a plain UPDATE that must find its row; 0 rows sends the group to
+    /// the careful replay, where the conflict is resolved and counted.
+    MustMatch,
 }
 
 impl Expect {
-    /// The conflict revealed by `rows` (command tag count) and the first column of
-    /// the last returned row.
-    pub fn conflict(self, rows: u64, returned: Option<&str>) -> Option<Conflict> {
+    /// The conflict revealed by the affected-row count and the returned boolean.
+    pub fn conflict(self, rows: u64, returned: Option<bool>) -> Option<Conflict> {
         match self {
             Expect::Nothing => None,
-            Expect::UpsertInsert => (returned == Some("f")).then_some(Conflict::InsertExisting),
+            Expect::UpsertInsert => (returned == Some(false)).then_some(Conflict::InsertExisting),
             Expect::InsertOrNothing => (rows == 0).then_some(Conflict::InsertExisting),
-            Expect::UpsertUpdate => (returned == Some("t")).then_some(Conflict::UpdateMissing),
+            Expect::UpsertUpdate => (returned == Some(true)).then_some(Conflict::UpdateMissing),
             Expect::UpdateOrInsert { for_insert: false } => {
                 (rows == 1).then_some(Conflict::UpdateMissing)
             }
@@ -80,76 +84,104 @@ impl Expect {
             }
             Expect::Update => (rows == 0).then_some(Conflict::UpdateMissingSkipped),
             Expect::Delete => (rows == 0).then_some(Conflict::DeleteMissing),
+            Expect::MustMatch => None,
         }
+    }
+
+    /// Whether the statement returns a boolean row.
+    pub fn returns_row(self) -> bool {
+        matches!(self, Expect::UpsertInsert | Expect::UpsertUpdate)
     }
 }
 
-fn literal(t: &Target, col: usize, v: &Value) -> Result<String, ApplyError> {
-    match v {
-        Value::Null => Ok("NULL".into()),
-        Value::Text(b) => match std::str::from_utf8(b) {
-            Ok(s) => Ok(quote_literal(s)),
-            Err(_) => Err(ApplyError::Data(format!(
-                "table {}: column {} holds bytes that are not UTF-8; the hub must be a UTF8 database",
-                t.display, t.hub.columns[col].name
-            ))),
-        },
-        Value::Binary(_) => Err(ApplyError::Data(format!(
-            "table {}: column {} arrived in binary format, which switchback does not request",
-            t.display, t.hub.columns[col].name
-        ))),
-        Value::Unchanged => Err(ApplyError::Data(format!(
-            "table {}: column {} is an unchanged TOASTed value where a value is needed",
-            t.display, t.hub.columns[col].name
-        ))),
+/// Where a parameter's value comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Src {
+    /// Column of the new row (unchanged TOAST filled from a full old row).
+    New(usize),
+    /// Column of the old row (key or full).
+    Old(usize),
+}
+
+/// The statement kinds; with the masks they identify a shape.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Kind {
+    /// Fast path: a plain INSERT (a unique violation sends the group to the careful replay).
+    InsertFast,
+    /// Fast path: a plain UPDATE by key that must find its row.
+    UpdateFast,
+    Insert,
+    /// Update with every column known and the same key: an upsert.
+    UpdateUpsert,
+    /// Update with every column known: update by old key (or one row), else insert.
+    UpdateOrInsert,
+    /// Update with unchanged TOAST columns: update what changed, by old key/one row.
+    UpdatePlain,
+    Delete,
+}
+
+/// Cache key of a prepared statement.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct ShapeKey {
+    pub rel: u32,
+    pub kind: Kind,
+    /// The row to find is identified by the old row (not the new one).
+    pub by_old: bool,
+    /// Columns left out: unchanged TOAST in the new row (updates) or in the old row
+    /// (matching by all columns).
+    pub skip_new: Vec<bool>,
+    pub skip_old: Vec<bool>,
+}
+
+/// SQL text with `$n` placeholders and where each parameter comes from.
+#[derive(Debug, Clone)]
+pub struct Shape {
+    pub sql: String,
+    pub params: Vec<Src>,
+    pub expect: Expect,
+}
+
+struct Builder<'a> {
+    t: &'a Target,
+    sql: String,
+    params: Vec<Src>,
+}
+
+impl<'a> Builder<'a> {
+    fn p(&mut self, src: Src) -> String {
+        self.params.push(src);
+        format!("${}", self.params.len())
+    }
+    fn col(&self, i: usize) -> String {
+        quote_ident(&self.t.hub.columns[i].name)
     }
 }
 
-fn col(t: &Target, i: usize) -> String {
-    quote_ident(&t.hub.columns[i].name)
-}
+/// A text-format parameter: the hub's text output, or NULL.
+#[derive(Debug)]
+pub struct TextParam(pub Option<Vec<u8>>);
 
-/// `"k1" = 'v1' AND "k2" IS NULL`
-fn key_predicate(t: &Target, keys: &[usize], row: &[Value]) -> Result<String, ApplyError> {
-    let mut out = String::new();
-    for (n, &k) in keys.iter().enumerate() {
-        if n > 0 {
-            out.push_str(" AND ");
-        }
-        let v = row.get(k).unwrap_or(&Value::Null);
-        match v {
-            Value::Null => write!(out, "{} IS NULL", col(t, k)).unwrap(),
-            _ => write!(out, "{} = {}", col(t, k), literal(t, k, v)?).unwrap(),
-        }
-    }
-    Ok(out)
-}
-
-/// `ctid = (SELECT ctid FROM t WHERE <every column equal> LIMIT 1)`: exactly one row,
-/// even among duplicates. Compared through the member's text output, so types
-/// without an equality operator (json, xml, point) work too.
-fn one_row_predicate(t: &Target, old: &[Value]) -> Result<String, ApplyError> {
-    let mut conds = Vec::new();
-    for (i, mc) in t.replicated() {
-        match old.get(i).unwrap_or(&Value::Null) {
-            Value::Unchanged => continue,
-            Value::Null => conds.push(format!("{} IS NULL", col(t, i))),
-            v => conds.push(format!(
-                "{}::text = ({}::{})::text",
-                col(t, i),
-                literal(t, i, v)?,
-                mc.cast_type
-            )),
+impl ToSql for TextParam {
+    fn to_sql(
+        &self,
+        _ty: &Type,
+        out: &mut BytesMut,
+    ) -> Result<IsNull, Box<dyn std::error::Error + Sync + Send>> {
+        match &self.0 {
+            None => Ok(IsNull::Yes),
+            Some(b) => {
+                out.extend_from_slice(b);
+                Ok(IsNull::No)
+            }
         }
     }
-    if conds.is_empty() {
-        conds.push("true".into());
+    fn accepts(_ty: &Type) -> bool {
+        true
     }
-    Ok(format!(
-        "ctid = (SELECT ctid FROM {} WHERE {} LIMIT 1)",
-        t.qualified,
-        conds.join(" AND ")
-    ))
+    fn encode_format(&self, _ty: &Type) -> Format {
+        Format::Text
+    }
+    to_sql_checked!();
 }
 
 /// The new row with unchanged TOASTed values filled from a full old row when possible.
@@ -166,206 +198,343 @@ fn effective_new(new: &[Value], old: Option<&OldRow>) -> Vec<Value> {
         .collect()
 }
 
-fn insert_prefix(t: &Target) -> String {
-    let cols: Vec<String> = t.replicated().map(|(i, _)| col(t, i)).collect();
-    format!("INSERT INTO {} ({})", t.qualified, cols.join(", "))
+/// A change ready to execute: its shape key and its row images.
+pub struct Planned {
+    pub key: ShapeKey,
+    pub new: Vec<Value>,
+    pub old: Vec<Value>,
+    pub op: &'static str,
 }
 
-fn values_list(t: &Target, row: &[Value]) -> Result<String, ApplyError> {
-    let mut vals = Vec::new();
-    for (i, _) in t.replicated() {
-        vals.push(literal(t, i, row.get(i).unwrap_or(&Value::Null))?);
-    }
-    Ok(vals.join(", "))
-}
-
-fn typed_select_list(t: &Target, row: &[Value]) -> Result<String, ApplyError> {
-    let mut vals = Vec::new();
-    for (i, mc) in t.replicated() {
-        let v = row.get(i).unwrap_or(&Value::Null);
-        vals.push(format!("{}::{}", literal(t, i, v)?, mc.cast_type));
-    }
-    Ok(vals.join(", "))
-}
-
-fn on_conflict(t: &Target, keys: &[usize]) -> String {
-    let key_cols: Vec<String> = keys.iter().map(|&k| col(t, k)).collect();
-    let sets: Vec<String> = t
-        .replicated()
-        .filter(|(i, _)| !keys.contains(i))
-        .map(|(i, _)| format!("{c} = EXCLUDED.{c}", c = col(t, i)))
-        .collect();
-    if sets.is_empty() {
-        format!(" ON CONFLICT ({}) DO NOTHING", key_cols.join(", "))
-    } else {
-        format!(
-            " ON CONFLICT ({}) DO UPDATE SET {}",
-            key_cols.join(", "),
-            sets.join(", ")
-        )
-    }
-}
-
-fn set_list(t: &Target, row: &[Value]) -> Result<String, ApplyError> {
-    let mut sets = Vec::new();
-    for (i, _) in t.replicated() {
-        let v = row.get(i).unwrap_or(&Value::Null);
-        if v.is_unchanged() {
-            continue;
-        }
-        sets.push(format!("{} = {}", col(t, i), literal(t, i, v)?));
-    }
-    Ok(sets.join(", "))
-}
-
-/// `WITH u AS (UPDATE t SET ... WHERE pred RETURNING 1) INSERT INTO t (...) SELECT ... WHERE NOT EXISTS (SELECT 1 FROM u)`
-fn update_or_insert(
-    t: &Target,
-    pred: &str,
-    row: &[Value],
-    upsert_keys: Option<&[usize]>,
-) -> Result<String, ApplyError> {
-    let mut s = format!(
-        "WITH u AS (UPDATE {} SET {} WHERE {} RETURNING 1) {} SELECT {} WHERE NOT EXISTS (SELECT 1 FROM u)",
-        t.qualified,
-        set_list(t, row)?,
-        pred,
-        insert_prefix(t),
-        typed_select_list(t, row)?
-    );
-    if let Some(k) = upsert_keys {
-        s.push_str(&on_conflict(t, k));
-    }
-    Ok(s)
-}
-
-/// SQL for one row change on `t`.
-pub fn row_change(t: &Target, change: &Change) -> Result<(String, Expect), ApplyError> {
-    match change {
-        Change::Insert { new, .. } => match &t.matching {
-            Matching::Key(keys) => {
-                let oc = on_conflict(t, keys);
-                let returning = !oc.ends_with("DO NOTHING");
-                let mut s = format!(
-                    "{} VALUES ({}){}",
-                    insert_prefix(t),
-                    values_list(t, new)?,
-                    oc
-                );
-                if returning {
-                    s.push_str(" RETURNING (xmax = 0)");
-                    Ok((s, Expect::UpsertInsert))
-                } else {
-                    Ok((s, Expect::InsertOrNothing))
-                }
-            }
-            Matching::KeyNoIndex(keys) => {
-                let pred = key_predicate(t, keys, new)?;
-                Ok((
-                    update_or_insert(t, &pred, new, None)?,
-                    Expect::UpdateOrInsert { for_insert: true },
-                ))
-            }
-            Matching::AllColumns => Ok((
-                format!("{} VALUES ({})", insert_prefix(t), values_list(t, new)?),
-                Expect::Nothing,
-            )),
-        },
+/// Decides the shape of a row change on `t`. Without `careful`, inserts and
+/// same-key updates on tables with a unique key take the fast path.
+pub fn plan(t: &Target, change: &Change, careful: bool) -> Result<Planned, ApplyError> {
+    let n = t.hub.columns.len();
+    let none = vec![false; n];
+    let (kind, by_old, new, old, op) = match change {
+        Change::Insert { new, .. } => (Kind::Insert, false, new.clone(), Vec::new(), "insert"),
         Change::Update { old, new, .. } => {
             let new = effective_new(new, old.as_ref());
             let complete = !new.iter().any(Value::is_unchanged);
-            match &t.matching {
-                Matching::Key(keys) | Matching::KeyNoIndex(keys) => {
-                    let with_index = matches!(t.matching, Matching::Key(_));
-                    // The row is found by its old key when the key changed, else by the new.
-                    let key_src: &[Value] = match old {
-                        Some(o) => &o.values,
-                        None => &new,
-                    };
-                    let key_changed = old
-                        .as_ref()
-                        .is_some_and(|o| keys.iter().any(|&k| o.values.get(k) != new.get(k)));
-                    if complete && with_index && !key_changed {
-                        // Same key: an upsert is the update, or the insert of a missing row.
-                        let oc = on_conflict(t, keys);
-                        let base = format!(
-                            "{} VALUES ({}){oc}",
-                            insert_prefix(t),
-                            values_list(t, &new)?
-                        );
-                        if oc.ends_with("DO NOTHING") {
-                            // Every column is key: 1 row inserted means it was missing.
-                            return Ok((base, Expect::UpdateOrInsert { for_insert: false }));
-                        }
-                        return Ok((format!("{base} RETURNING (xmax = 0)"), Expect::UpsertUpdate));
-                    }
-                    let pred = key_predicate(t, keys, key_src)?;
-                    if complete {
-                        Ok((
-                            update_or_insert(
-                                t,
-                                &pred,
-                                &new,
-                                with_index.then_some(keys.as_slice()),
-                            )?,
-                            Expect::UpdateOrInsert { for_insert: false },
-                        ))
-                    } else {
-                        Ok((
-                            format!(
-                                "UPDATE {} SET {} WHERE {}",
-                                t.qualified,
-                                set_list(t, &new)?,
-                                pred
-                            ),
-                            Expect::Update,
-                        ))
-                    }
+            let key_changed = match (&t.matching, old) {
+                (Matching::Key(k) | Matching::KeyNoIndex(k), Some(o)) => {
+                    k.iter().any(|&i| o.values.get(i) != new.get(i))
                 }
-                Matching::AllColumns => {
-                    let Some(old) = old else {
-                        return Err(ApplyError::Data(format!(
-                            "table {}: an UPDATE arrived without its old row, and the member has no key to find the row by. \
-                             Fix: give the table a primary key on the member, or REPLICA IDENTITY FULL on the hub",
-                            t.display
-                        )));
-                    };
-                    let pred = one_row_predicate(t, &old.values)?;
-                    if complete {
-                        Ok((
-                            update_or_insert(t, &pred, &new, None)?,
-                            Expect::UpdateOrInsert { for_insert: false },
-                        ))
-                    } else {
-                        Ok((
-                            format!(
-                                "UPDATE {} SET {} WHERE {}",
-                                t.qualified,
-                                set_list(t, &new)?,
-                                pred
-                            ),
-                            Expect::Update,
-                        ))
-                    }
-                }
+                _ => false,
+            };
+            if matches!(t.matching, Matching::AllColumns) && old.is_none() {
+                return Err(ApplyError::Data(format!(
+                    "table {}: an UPDATE arrived without its old row, and the member has no key to find the row by. \
+                     Fix: give the table a primary key on the member, or REPLICA IDENTITY FULL on the hub",
+                    t.display
+                )));
             }
+            let by_old =
+                old.is_some() && (key_changed || matches!(t.matching, Matching::AllColumns));
+            let kind = if !complete {
+                Kind::UpdatePlain
+            } else if matches!(t.matching, Matching::Key(_)) && !key_changed {
+                Kind::UpdateUpsert
+            } else {
+                Kind::UpdateOrInsert
+            };
+            let old_vals = old.as_ref().map(|o| o.values.clone()).unwrap_or_default();
+            (kind, by_old, new, old_vals, "update")
         }
         Change::Delete { old, .. } => {
-            let pred = match &t.matching {
-                Matching::Key(keys) | Matching::KeyNoIndex(keys) => {
-                    key_predicate(t, keys, &old.values)?
-                }
-                Matching::AllColumns => one_row_predicate(t, &old.values)?,
-            };
-            Ok((
-                format!("DELETE FROM {} WHERE {}", t.qualified, pred),
-                Expect::Delete,
-            ))
+            (Kind::Delete, true, Vec::new(), old.values.clone(), "delete")
         }
         Change::Truncate { .. } | Change::Message { .. } => {
-            Err(ApplyError::Data("internal: not a row change".into()))
+            return Err(ApplyError::Data("internal: not a row change".into()))
+        }
+    };
+    let has_non_key = match &t.matching {
+        Matching::Key(k) => t.replicated().any(|(i, _)| !k.contains(&i)),
+        _ => false,
+    };
+    let kind = match kind {
+        Kind::Insert if !careful && matches!(t.matching, Matching::Key(_)) => Kind::InsertFast,
+        Kind::UpdateUpsert if !careful && has_non_key => Kind::UpdateFast,
+        k => k,
+    };
+    let skip_new = if kind == Kind::UpdatePlain {
+        (0..n)
+            .map(|i| new.get(i).is_some_and(Value::is_unchanged))
+            .collect()
+    } else {
+        none.clone()
+    };
+    let skip_old = if matches!(t.matching, Matching::AllColumns) && by_old {
+        (0..n)
+            .map(|i| old.get(i).is_some_and(Value::is_unchanged))
+            .collect()
+    } else {
+        none
+    };
+    Ok(Planned {
+        key: ShapeKey {
+            rel: t.hub.oid,
+            kind,
+            by_old,
+            skip_new,
+            skip_old,
+        },
+        new,
+        old,
+        op,
+    })
+}
+
+/// Builds the SQL of a shape.
+pub fn build(t: &Target, key: &ShapeKey) -> Shape {
+    let mut b = Builder {
+        t,
+        sql: String::new(),
+        params: Vec::new(),
+    };
+    let expect = match key.kind {
+        Kind::InsertFast => {
+            insert_values(&mut b);
+            Expect::Nothing
+        }
+        Kind::UpdateFast => {
+            let Matching::Key(keys) = &t.matching else {
+                unreachable!("fast updates need a unique key")
+            };
+            let skip: Vec<bool> = (0..t.hub.columns.len())
+                .map(|i| keys.contains(&i))
+                .collect();
+            let _ = write!(b.sql, "UPDATE {} SET ", t.qualified);
+            set_list(&mut b, &skip);
+            b.sql.push_str(" WHERE ");
+            predicate(&mut b, key, Pred::Keys(keys.clone()));
+            Expect::MustMatch
+        }
+        Kind::Insert => match &t.matching {
+            Matching::Key(keys) => {
+                insert_values(&mut b);
+                let nothing = on_conflict(&mut b, keys);
+                if nothing {
+                    Expect::InsertOrNothing
+                } else {
+                    b.sql.push_str(" RETURNING (xmax = 0)");
+                    Expect::UpsertInsert
+                }
+            }
+            Matching::KeyNoIndex(keys) => {
+                update_or_insert(&mut b, key, keys_pred(keys.clone()), None);
+                Expect::UpdateOrInsert { for_insert: true }
+            }
+            Matching::AllColumns => {
+                insert_values(&mut b);
+                Expect::Nothing
+            }
+        },
+        Kind::UpdateUpsert => {
+            let Matching::Key(keys) = &t.matching else {
+                unreachable!("upsert shapes need a unique key")
+            };
+            insert_values(&mut b);
+            if on_conflict(&mut b, keys) {
+                Expect::UpdateOrInsert { for_insert: false }
+            } else {
+                b.sql.push_str(" RETURNING (xmax = 0)");
+                Expect::UpsertUpdate
+            }
+        }
+        Kind::UpdateOrInsert => {
+            let upsert = match &t.matching {
+                Matching::Key(k) => Some(k.clone()),
+                _ => None,
+            };
+            update_or_insert(&mut b, key, pred_for(t), upsert);
+            Expect::UpdateOrInsert { for_insert: false }
+        }
+        Kind::UpdatePlain => {
+            let _ = write!(b.sql, "UPDATE {} SET ", t.qualified);
+            set_list(&mut b, &key.skip_new);
+            b.sql.push_str(" WHERE ");
+            predicate(&mut b, key, pred_for(t));
+            Expect::Update
+        }
+        Kind::Delete => {
+            let _ = write!(b.sql, "DELETE FROM {} WHERE ", t.qualified);
+            predicate(&mut b, key, pred_for(t));
+            Expect::Delete
+        }
+    };
+    Shape {
+        sql: b.sql,
+        params: b.params,
+        expect,
+    }
+}
+
+enum Pred {
+    Keys(Vec<usize>),
+    OneRow,
+}
+
+fn keys_pred(k: Vec<usize>) -> Pred {
+    Pred::Keys(k)
+}
+
+fn pred_for(t: &Target) -> Pred {
+    match &t.matching {
+        Matching::Key(k) | Matching::KeyNoIndex(k) => Pred::Keys(k.clone()),
+        Matching::AllColumns => Pred::OneRow,
+    }
+}
+
+fn insert_values(b: &mut Builder) {
+    let cols: Vec<usize> = b.t.replicated().map(|(i, _)| i).collect();
+    let names: Vec<String> = cols.iter().map(|&i| b.col(i)).collect();
+    let _ = write!(
+        b.sql,
+        "INSERT INTO {} ({}) VALUES (",
+        b.t.qualified,
+        names.join(", ")
+    );
+    for (n, &i) in cols.iter().enumerate() {
+        if n > 0 {
+            b.sql.push_str(", ");
+        }
+        let p = b.p(Src::New(i));
+        b.sql.push_str(&p);
+    }
+    b.sql.push(')');
+}
+
+/// Appends `ON CONFLICT (...) DO UPDATE SET ...`; returns true when it is DO NOTHING.
+fn on_conflict(b: &mut Builder, keys: &[usize]) -> bool {
+    let key_cols: Vec<String> = keys.iter().map(|&k| b.col(k)).collect();
+    let sets: Vec<String> =
+        b.t.replicated()
+            .filter(|(i, _)| !keys.contains(i))
+            .map(|(i, _)| format!("{c} = EXCLUDED.{c}", c = b.col(i)))
+            .collect();
+    if sets.is_empty() {
+        let _ = write!(b.sql, " ON CONFLICT ({}) DO NOTHING", key_cols.join(", "));
+        true
+    } else {
+        let _ = write!(
+            b.sql,
+            " ON CONFLICT ({}) DO UPDATE SET {}",
+            key_cols.join(", "),
+            sets.join(", ")
+        );
+        false
+    }
+}
+
+fn set_list(b: &mut Builder, skip: &[bool]) {
+    let cols: Vec<usize> =
+        b.t.replicated()
+            .map(|(i, _)| i)
+            .filter(|&i| !skip.get(i).copied().unwrap_or(false))
+            .collect();
+    for (n, &i) in cols.iter().enumerate() {
+        if n > 0 {
+            b.sql.push_str(", ");
+        }
+        let c = b.col(i);
+        let p = b.p(Src::New(i));
+        let _ = write!(b.sql, "{c} = {p}");
+    }
+}
+
+fn predicate(b: &mut Builder, key: &ShapeKey, pred: Pred) {
+    let src = |i| if key.by_old { Src::Old(i) } else { Src::New(i) };
+    match pred {
+        Pred::Keys(keys) => {
+            for (n, &k) in keys.iter().enumerate() {
+                if n > 0 {
+                    b.sql.push_str(" AND ");
+                }
+                let c = b.col(k);
+                let p = b.p(src(k));
+                let _ = write!(b.sql, "{c} = {p}");
+            }
+        }
+        Pred::OneRow => {
+            // Exactly one row, even among duplicates; compared through the member's
+            // text output so types without equality (json, xml, point) work too.
+            let cols: Vec<(usize, String)> =
+                b.t.replicated()
+                    .filter(|(i, _)| !key.skip_old.get(*i).copied().unwrap_or(false))
+                    .map(|(i, mc)| (i, mc.cast_type.clone()))
+                    .collect();
+            let _ = write!(b.sql, "ctid = (SELECT ctid FROM {} WHERE ", b.t.qualified);
+            if cols.is_empty() {
+                b.sql.push_str("true");
+            }
+            for (n, (i, ty)) in cols.iter().enumerate() {
+                if n > 0 {
+                    b.sql.push_str(" AND ");
+                }
+                let c = b.col(*i);
+                let p = b.p(src(*i));
+                let _ = write!(b.sql, "{c}::text IS NOT DISTINCT FROM ({p}::{ty})::text");
+            }
+            b.sql.push_str(" LIMIT 1)");
         }
     }
+}
+
+/// `WITH u AS (UPDATE t SET ... WHERE pred RETURNING 1) INSERT INTO t (...) SELECT ... WHERE NOT EXISTS (SELECT 1 FROM u)`
+fn update_or_insert(b: &mut Builder, key: &ShapeKey, pred: Pred, upsert: Option<Vec<usize>>) {
+    let _ = write!(b.sql, "WITH u AS (UPDATE {} SET ", b.t.qualified);
+    set_list(b, &key.skip_new);
+    b.sql.push_str(" WHERE ");
+    predicate(b, key, pred);
+    let cols: Vec<(usize, String)> =
+        b.t.replicated()
+            .map(|(i, mc)| (i, mc.cast_type.clone()))
+            .collect();
+    let names: Vec<String> = cols.iter().map(|(i, _)| b.col(*i)).collect();
+    let _ = write!(
+        b.sql,
+        " RETURNING 1) INSERT INTO {} ({}) SELECT ",
+        b.t.qualified,
+        names.join(", ")
+    );
+    for (n, (i, ty)) in cols.iter().enumerate() {
+        if n > 0 {
+            b.sql.push_str(", ");
+        }
+        let p = b.p(Src::New(*i));
+        let _ = write!(b.sql, "{p}::{ty}");
+    }
+    b.sql.push_str(" WHERE NOT EXISTS (SELECT 1 FROM u)");
+    if let Some(k) = upsert {
+        on_conflict(b, &k);
+    }
+}
+
+/// The parameters of a planned change for a shape.
+pub fn params(t: &Target, shape: &Shape, p: &Planned) -> Result<Vec<TextParam>, ApplyError> {
+    shape
+        .params
+        .iter()
+        .map(|src| {
+            let (row, i) = match *src {
+                Src::New(i) => (&p.new, i),
+                Src::Old(i) => (&p.old, i),
+            };
+            match row.get(i).unwrap_or(&Value::Null) {
+                Value::Null => Ok(TextParam(None)),
+                Value::Text(b) => Ok(TextParam(Some(b.clone()))),
+                Value::Binary(_) => Err(ApplyError::Data(format!(
+                    "table {}: column {} arrived in binary format, which switchback does not request",
+                    t.display, t.hub.columns[i].name
+                ))),
+                Value::Unchanged => Err(ApplyError::Data(format!(
+                    "table {}: column {} is an unchanged TOASTed value where a value is needed",
+                    t.display, t.hub.columns[i].name
+                ))),
+            }
+        })
+        .collect()
 }
 
 /// `TRUNCATE a, b [RESTART IDENTITY] [CASCADE]`

@@ -162,7 +162,10 @@ fn concurrent_commit_and_ack_make_progress() {
             let payload = vec![
                 Record::Change(Change::Insert {
                     rel: 0,
-                    new: vec![Value::Text(vec![b'x'; 300]), Value::Text(i.to_be_bytes().to_vec())],
+                    new: vec![
+                        Value::Text(vec![b'x'; 300]),
+                        Value::Text(i.to_be_bytes().to_vec())
+                    ],
                 });
                 3
             ];
