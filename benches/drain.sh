@@ -46,16 +46,18 @@ TOML
 until [ "$(H -Atc "select count(*) from pg_replication_slots where slot_name = 'switchback_bench'")" = 1 ]; do sleep 0.1; done
 kill -INT $pid; wait $pid
 
-wait_rows() { # db want
-  until [ "$(M -d "$1" -Atc "select count(*) from pgbench_history")" -ge "$2" ]; do sleep 0.05; done
+HIST="select count(*) || ':' || coalesce(max(hid), 0) from pgbench_history"
+wait_rows() { # db want: until the member's history matches the hub's exactly
+  until [ "$(M -d "$1" -Atc "$HIST")" = "$2" ]; do sleep 0.05; done
 }
 for run in $(seq 1 "$RUNS"); do
   M -d native -c "alter subscription native_sub disable"
-  "$PG_BIN/pgbench" -h 127.0.0.1 -p "$HP" -U postgres -c 4 -j 2 -t $((TXNS / 4)) -N postgres >/dev/null 2>&1
-  want=$(H -Atc "select count(*) from pgbench_history")
+  # -n: no vacuum, and above all no TRUNCATE of pgbench_history before the run.
+  "$PG_BIN/pgbench" -n -h 127.0.0.1 -p "$HP" -U postgres -c 4 -j 2 -t $((TXNS / 4)) -N postgres >/dev/null 2>&1
+  want=$(H -Atc "$HIST")
   t=$(now); M -d native -c "alter subscription native_sub enable"; wait_rows native "$want"
   native=$(echo "$(now) - $t" | bc)
-  t=$(now); "$SB" --log warn run --config "$SB_ROOT/sb.toml" & pid=$!; wait_rows sb "$want"
+  t=$(now); "$SB" --log warn run --config "$SB_ROOT/sb.toml" 2>>"$SB_ROOT/run.log" & pid=$!; wait_rows sb "$want"
   sb=$(echo "$(now) - $t" | bc)
   kill -INT $pid; wait $pid
   printf 'run %d: txns %d  native_drain %.2f s  switchback_drain %.2f s  ratio switchback/native %.2f\n' \
@@ -65,6 +67,6 @@ done
 for t in pgbench_accounts pgbench_branches pgbench_tellers pgbench_history; do
   q="select count(*) || ':' || md5(string_agg(x::text, ',' order by x::text)) from $t x"
   h=$(H -Atc "$q"); n=$(M -d native -Atc "$q"); s=$(M -d sb -Atc "$q")
-  [ "$h" = "$s" ] && [ "$h" = "$n" ] || { echo "MISMATCH in $t: hub $h native $n switchback $s"; exit 1; }
+  [ "$h" = "$s" ] && [ "$h" = "$n" ] || { echo "MISMATCH in $t: hub $h native $n switchback $s"; grep -v "hub wins" "$SB_ROOT/run.log" | tail -30; exit 1; }
 done
 echo "members equal to the hub"

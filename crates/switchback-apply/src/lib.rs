@@ -18,19 +18,17 @@ pub mod sql;
 pub mod target;
 
 use std::collections::{BTreeMap, HashMap};
-use std::future::Future;
-use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
 use std::time::Duration;
 
-use futures_util::StreamExt;
 use switchback_config::Config;
 use switchback_core::{metric, Change, Classify, ErrorClass, Lsn, Record, Relation};
 use switchback_pg::error::describe_sql_error;
+use switchback_pg::pipeline::{Entry, PipelineConn};
+use switchback_pg::PgError;
 use switchback_queue::{QueueError, QueueReader, QueuedTxn};
 use tokio::sync::watch;
-use tokio_postgres::{Client, Statement};
+use tokio_postgres::Client;
 
 pub use sql::Conflict;
 use sql::Expect;
@@ -192,40 +190,37 @@ pub async fn run<R: QueueReader + Sync>(
     }
 }
 
-/// Row changes in flight (sent, outcome not read yet) at most.
+/// Row changes sent in one round trip at most.
 const STATEMENTS_PER_ROUND_TRIP: usize = 2000;
 /// Conflicts logged one by one per round trip; the rest are summarised.
 const CONFLICTS_LOGGED_PER_ROUND_TRIP: usize = 5;
 
-type Outcome = Result<(u64, Option<bool>), tokio_postgres::Error>;
-type Pipelined = Pin<Box<dyn Future<Output = Outcome> + Send>>;
-
-/// A statement already sent to the member, whose outcome is read later.
-struct InFlight {
-    fut: Pipelined,
+/// A statement queued for the next round trip.
+struct Queued {
+    what: QueuedSql,
     expect: Expect,
     /// Index into the group's context (table, op, hub xid and end LSN).
     ctx: Option<usize>,
 }
 
-/// Polls a future once so that tokio-postgres sends its request now: requests go
-/// out in the order they are submitted, and their outcomes are read later in the
-/// same order (pipelining).
-fn submit(mut fut: Pipelined) -> Pipelined {
-    let mut cx = Context::from_waker(std::task::Waker::noop());
-    if let Poll::Ready(out) = fut.as_mut().poll(&mut cx) {
-        return Box::pin(std::future::ready(out));
-    }
-    fut
+enum QueuedSql {
+    Prepared(String, Vec<Option<Vec<u8>>>),
+    Sql(String),
 }
 
 struct Applier {
-    client: Arc<Client>,
+    /// The apply session: replication origin bound, statements pipelined.
+    conn: PipelineConn,
+    /// Catalog lookups (member table definitions).
+    catalog: Client,
     progress: Lsn,
     /// Member definitions per hub relation OID.
     targets: HashMap<u32, Arc<Target>>,
-    /// Prepared statements per shape.
-    statements: HashMap<sql::ShapeKey, (Statement, Arc<sql::Shape>)>,
+    /// Prepared statement names per shape.
+    statements: HashMap<sql::ShapeKey, (String, Arc<sql::Shape>)>,
+    next_statement: u64,
+    /// Statements to parse at the start of the next round trip.
+    parses: Vec<(String, String)>,
     batch_txns: usize,
     batch_changes: usize,
     stats: ApplyStatus,
@@ -233,36 +228,65 @@ struct Applier {
 
 type Ctx = (Arc<Target>, &'static str, u32, Lsn);
 
+fn pg_transient(e: &PgError) -> bool {
+    e.class() == ErrorClass::Transient
+}
+
+/// PgError text without DETAIL (which can hold row values).
+fn pg_describe(e: &PgError) -> String {
+    match e {
+        PgError::Server { error, .. } => {
+            let mut s = format!("{} ({})", error.message, error.code);
+            if let Some(h) = &error.hint {
+                s.push_str(&format!("; hint: {h}"));
+            }
+            s
+        }
+        other => other.to_string(),
+    }
+}
+
+fn pg_err(e: PgError) -> ApplyError {
+    ApplyError::Member {
+        transient: pg_transient(&e),
+        message: pg_describe(&e),
+    }
+}
+
 impl Applier {
-    async fn start(cfg: &Config, client: Client) -> Result<Applier, ApplyError> {
-        client
-            .batch_execute(
-                "SET standard_conforming_strings = on; SET client_encoding = 'UTF8'; \
-                 SET datestyle = 'ISO'; SET intervalstyle = 'postgres'; SET extra_float_digits = 3; \
-                 SET application_name = 'switchback_apply'",
-            )
+    async fn start(cfg: &Config, catalog: Client) -> Result<Applier, ApplyError> {
+        let member_cfg = cfg
+            .member_pg()
+            .map_err(|e| ApplyError::Config(e.to_string()))?;
+        let mut conn = PipelineConn::connect(&member_cfg, "switchback_apply")
             .await
-            .map_err(ApplyError::member)?;
+            .map_err(pg_err)?;
+        conn.simple_query("SET standard_conforming_strings = on")
+            .await
+            .map_err(pg_err)?;
         if cfg.apply.replica_role {
-            if let Err(e) = client
-                .batch_execute("SET session_replication_role = replica")
+            if let Err(e) = conn
+                .simple_query("SET session_replication_role = replica")
                 .await
             {
                 tracing::warn!(
-                    error = %describe_without_values(&e),
+                    error = %pg_describe(&e),
                     "cannot SET session_replication_role = replica: member triggers and foreign keys \
                      will fire during apply. Fix: connect as a superuser, or GRANT SET ON PARAMETER \
                      session_replication_role TO the apply role (PG15+)"
                 );
             }
         }
-        let progress = progress::setup(&client, &cfg.origin_name()).await?;
+        let progress = progress::setup(&mut conn, &cfg.origin_name()).await?;
         tracing::info!(progress = %progress, "apply resumes after the member's progress");
         Ok(Applier {
-            client: Arc::new(client),
+            conn,
+            catalog,
             progress,
             targets: HashMap::new(),
             statements: HashMap::new(),
+            next_statement: 0,
+            parses: Vec::new(),
             batch_txns: cfg.apply.batch_txns,
             batch_changes: cfg.apply.batch_changes,
             stats: ApplyStatus::default(),
@@ -277,43 +301,24 @@ impl Applier {
             tracing::info!(table = %rel.display_name(), "table definition changed on the hub");
         }
         let oid = rel.oid;
-        let t = Arc::new(target::resolve(&self.client, Arc::new(rel)).await?);
+        let t = Arc::new(target::resolve(&self.catalog, Arc::new(rel)).await?);
         self.statements.retain(|k, _| k.rel != oid);
         self.targets.insert(oid, t.clone());
         Ok(t)
     }
 
-    async fn statement(
-        &mut self,
-        t: &Target,
-        key: &sql::ShapeKey,
-    ) -> Result<(Statement, Arc<sql::Shape>), ApplyError> {
+    /// The prepared statement of a shape; new ones are parsed with the next round trip.
+    fn statement(&mut self, t: &Target, key: &sql::ShapeKey) -> (String, Arc<sql::Shape>) {
         if let Some(s) = self.statements.get(key) {
-            return Ok(s.clone());
+            return s.clone();
         }
         let shape = Arc::new(sql::build(t, key));
-        let stmt = self.client.prepare(&shape.sql).await.map_err(|e| {
-            ApplyError::Schema(format!(
-                "table {}: cannot prepare the {:?} statement on the member: {}",
-                t.display,
-                key.kind,
-                describe_without_values(&e)
-            ))
-        })?;
+        self.next_statement += 1;
+        let name = format!("sb{}", self.next_statement);
+        self.parses.push((name.clone(), shape.sql.clone()));
         self.statements
-            .insert(key.clone(), (stmt.clone(), shape.clone()));
-        Ok((stmt, shape))
-    }
-
-    fn send_simple(&self, sql: String) -> InFlight {
-        let client = self.client.clone();
-        InFlight {
-            fut: submit(Box::pin(async move {
-                client.batch_execute(&sql).await.map(|()| (0, None))
-            })),
-            expect: Expect::Nothing,
-            ctx: None,
-        }
+            .insert(key.clone(), (name.clone(), shape.clone()));
+        (name, shape)
     }
 
     /// Follows the queue from the first transaction not yet applied.
@@ -372,7 +377,7 @@ impl Applier {
         status: &watch::Sender<ApplyStatus>,
         careful: bool,
     ) -> Result<u64, ApplyError> {
-        let mut inflight: Vec<InFlight> = Vec::new();
+        let mut inflight: Vec<Queued> = Vec::new();
         let mut ctx: Vec<Ctx> = Vec::new();
         let mut began = false;
         let mut txn = Some(first);
@@ -390,7 +395,11 @@ impl Applier {
                 skipped_upto = Some(seq);
             } else {
                 if !began {
-                    inflight.push(self.send_simple("BEGIN".into()));
+                    inflight.push(Queued {
+                        what: QueuedSql::Sql("BEGIN".into()),
+                        expect: Expect::Nothing,
+                        ctx: None,
+                    });
                     began = true;
                 }
                 let mut rels: HashMap<u32, Arc<Target>> = HashMap::new();
@@ -414,11 +423,15 @@ impl Applier {
                                 let tgs: Vec<Arc<Target>> =
                                     oids.iter().filter_map(|o| rels.get(o).cloned()).collect();
                                 let refs: Vec<&Target> = tgs.iter().map(|t| t.as_ref()).collect();
-                                let mut f = self.send_simple(sql::truncate(
-                                    &refs,
-                                    *cascade,
-                                    *restart_identity,
-                                ));
+                                let mut f = Queued {
+                                    what: QueuedSql::Sql(sql::truncate(
+                                        &refs,
+                                        *cascade,
+                                        *restart_identity,
+                                    )),
+                                    expect: Expect::Nothing,
+                                    ctx: None,
+                                };
                                 *ops.entry("truncate").or_default() += 1;
                                 if let Some(tg) = tgs.first() {
                                     ctx.push((
@@ -441,25 +454,12 @@ impl Applier {
                                     ))
                                 })?;
                                 let planned = sql::plan(&tg, &change, careful)?;
-                                let (stmt, shape) = self.statement(&tg, &planned.key).await?;
+                                let (name, shape) = self.statement(&tg, &planned.key);
                                 let params = sql::params(&tg, &shape, &planned)?;
                                 *ops.entry(planned.op).or_default() += 1;
                                 ctx.push((tg.clone(), planned.op, t.header.xid, t.header.end_lsn));
-                                let client = self.client.clone();
-                                let returns = shape.expect.returns_row();
-                                InFlight {
-                                    fut: submit(Box::pin(async move {
-                                        let stream = client.query_raw(&stmt, params).await?;
-                                        let mut stream = std::pin::pin!(stream);
-                                        let mut returned = None;
-                                        while let Some(row) = stream.next().await {
-                                            let row = row?;
-                                            if returns {
-                                                returned = row.try_get::<_, bool>(0).ok();
-                                            }
-                                        }
-                                        Ok((stream.rows_affected().unwrap_or(0), returned))
-                                    })),
+                                Queued {
+                                    what: QueuedSql::Prepared(name, params),
                                     expect: shape.expect,
                                     ctx: Some(ctx.len() - 1),
                                 }
@@ -496,7 +496,16 @@ impl Applier {
             unreachable!("a group without applied transactions returned early")
         };
         let stamp = progress::stamp(last.header.end_lsn, last.header.commit_time);
-        inflight.push(self.send_simple(format!("{stamp}; COMMIT")));
+        inflight.push(Queued {
+            what: QueuedSql::Sql(stamp),
+            expect: Expect::Nothing,
+            ctx: None,
+        });
+        inflight.push(Queued {
+            what: QueuedSql::Sql("COMMIT".into()),
+            expect: Expect::Nothing,
+            ctx: None,
+        });
         self.settle(&mut inflight, &ctx, &mut conflicts).await?;
         // Durable in the member: now the queue may forget them.
         queue.ack(last.seq)?;
@@ -523,57 +532,86 @@ impl Applier {
         Ok(last.seq + 1)
     }
 
-    /// Reads the outcomes of the statements in flight, in order. The first error
-    /// ends the group: the member transaction is rolled back, the queue untouched.
+    /// Sends the queued statements in one round trip and reads their outcomes. An
+    /// error ends the group: the member transaction is rolled back, the queue untouched.
     async fn settle(
         &mut self,
-        inflight: &mut Vec<InFlight>,
+        inflight: &mut Vec<Queued>,
         ctx: &[Ctx],
         conflicts: &mut BTreeMap<Conflict, u64>,
     ) -> Result<(), ApplyError> {
+        let parses = std::mem::take(&mut self.parses);
+        let parse_refs: Vec<(&str, &str)> = parses
+            .iter()
+            .map(|(n, q)| (n.as_str(), q.as_str()))
+            .collect();
+        let entries: Vec<Entry<'_>> = inflight
+            .iter()
+            .map(|q| match &q.what {
+                QueuedSql::Prepared(name, params) => Entry::Prepared { name, params },
+                QueuedSql::Sql(sql) => Entry::Sql(sql),
+            })
+            .collect();
+        let result = self.conn.batch(&parse_refs, &entries).await;
+        drop(entries);
+        let queued = std::mem::take(inflight);
+        let outcomes = match result {
+            Ok(o) => o,
+            Err(e) => {
+                if e.index.is_none() && !pg_transient(&e.error) {
+                    // A statement could not be prepared: forget the new ones.
+                    let names: Vec<&String> = parses.iter().map(|(n, _)| n).collect();
+                    self.statements
+                        .retain(|_, (n, _)| !names.iter().any(|x| *x == n));
+                }
+                let at = e.index.and_then(|i| queued.get(i));
+                if e.code() == Some("23505") && at.is_some_and(|q| q.ctx.is_some()) {
+                    // The fast path's plain INSERT met an existing row: replay carefully.
+                    self.rollback().await?;
+                    return Err(ApplyError::Replay);
+                }
+                let transient = pg_transient(&e.error);
+                let context = match at.and_then(|q| q.ctx).and_then(|i| ctx.get(i)) {
+                    Some((tg, op, xid, lsn)) => format!(
+                        "{op} on table {} (hub transaction {xid} ending at {lsn})",
+                        tg.display
+                    ),
+                    None => "applying a transaction group".to_string(),
+                };
+                if !transient {
+                    self.rollback().await?;
+                }
+                return Err(ApplyError::Statement {
+                    context,
+                    message: pg_describe(&e.error),
+                    transient,
+                });
+            }
+        };
         let mut logged = 0usize;
         let mut unlogged = 0u64;
-        let mut failure = None;
-        let mut replay = false;
-        for item in inflight.drain(..) {
-            match item.fut.await {
-                Ok((0, _)) if item.expect == Expect::MustMatch => {
-                    replay = true;
-                    break;
-                }
-                Err(e)
-                    if item.ctx.is_some()
-                        && e.code() == Some(&tokio_postgres::error::SqlState::UNIQUE_VIOLATION) =>
-                {
-                    // The fast path's plain INSERT met an existing row (or an UPDATE
-                    // of a key met another row's key): the careful replay decides.
-                    replay = true;
-                    break;
-                }
-                Ok((rows, returned)) => {
-                    if let Some(c) = item.expect.conflict(rows, returned) {
-                        *conflicts.entry(c).or_default() += 1;
-                        metrics::counter!(metric::APPLY_CONFLICTS_TOTAL, "kind" => c.as_str())
-                            .increment(1);
-                        if logged >= CONFLICTS_LOGGED_PER_ROUND_TRIP {
-                            unlogged += 1;
-                        } else if let Some((tg, op, xid, lsn)) = item.ctx.and_then(|i| ctx.get(i)) {
-                            logged += 1;
-                            tracing::warn!(
-                                table = %tg.display,
-                                key = %tg.key_names(),
-                                op,
-                                conflict = c.as_str(),
-                                xid,
-                                end_lsn = %lsn,
-                                "hub wins"
-                            );
-                        }
-                    }
-                }
-                Err(e) => {
-                    failure = Some((e, item.ctx));
-                    break;
+        for (q, o) in queued.iter().zip(&outcomes) {
+            if q.expect == Expect::MustMatch && o.rows == 0 {
+                self.rollback().await?;
+                return Err(ApplyError::Replay);
+            }
+            let returned = o.returned.as_deref().map(|v| v == "t");
+            if let Some(c) = q.expect.conflict(o.rows, returned) {
+                *conflicts.entry(c).or_default() += 1;
+                metrics::counter!(metric::APPLY_CONFLICTS_TOTAL, "kind" => c.as_str()).increment(1);
+                if logged >= CONFLICTS_LOGGED_PER_ROUND_TRIP {
+                    unlogged += 1;
+                } else if let Some((tg, op, xid, lsn)) = q.ctx.and_then(|i| ctx.get(i)) {
+                    logged += 1;
+                    tracing::warn!(
+                        table = %tg.display,
+                        key = %tg.key_names(),
+                        op,
+                        conflict = c.as_str(),
+                        xid,
+                        end_lsn = %lsn,
+                        "hub wins"
+                    );
                 }
             }
         }
@@ -583,31 +621,13 @@ impl Applier {
                 "more hub-wins conflicts in this round trip (counted in status and metrics)"
             );
         }
-        if replay {
-            inflight.clear();
-            let _ = self.client.batch_execute("ROLLBACK").await;
-            return Err(ApplyError::Replay);
+        Ok(())
+    }
+
+    async fn rollback(&mut self) -> Result<(), ApplyError> {
+        if self.conn.txn_status != b'I' {
+            self.conn.simple_query("ROLLBACK").await.map_err(pg_err)?;
         }
-        let Some((e, at)) = failure else {
-            return Ok(());
-        };
-        // Later statements failed only because the transaction was aborted.
-        inflight.clear();
-        let transient = sqlstate_transient(&e);
-        let context = match at.and_then(|i| ctx.get(i)) {
-            Some((tg, op, xid, lsn)) => format!(
-                "{op} on table {} (hub transaction {xid} ending at {lsn})",
-                tg.display
-            ),
-            None => "applying a transaction group".to_string(),
-        };
-        if !transient {
-            let _ = self.client.batch_execute("ROLLBACK").await;
-        }
-        Err(ApplyError::Statement {
-            context,
-            message: describe_without_values(&e),
-            transient,
-        })
+        Ok(())
     }
 }

@@ -6,41 +6,52 @@
 //! the origin so a reverse stream can recognise and drop them.
 
 use switchback_core::{quote_literal, Lsn};
+use switchback_pg::pipeline::PipelineConn;
 use tokio_postgres::Client;
 
 use crate::ApplyError;
 
 /// Creates the origin if needed, binds this session to it and returns the last
 /// applied hub position.
-pub async fn setup(member: &Client, origin: &str) -> Result<Lsn, ApplyError> {
-    let exists = member
-        .query_one(
-            "SELECT pg_replication_origin_oid($1) IS NOT NULL",
-            &[&origin],
-        )
+pub async fn setup(conn: &mut PipelineConn, origin: &str) -> Result<Lsn, ApplyError> {
+    let lit = quote_literal(origin);
+    let err = |e: switchback_pg::PgError| ApplyError::Member {
+        transient: switchback_core::Classify::is_transient(&e),
+        message: format!(
+            "{e}. The apply role must be able to use replication origins: connect as a superuser, \
+             or GRANT EXECUTE ON FUNCTION pg_replication_origin_create(text), \
+             pg_replication_origin_session_setup(text), \
+             pg_replication_origin_xact_setup(pg_lsn, timestamptz) TO the apply role"
+        ),
+    };
+    let rows = conn
+        .simple_query(&format!(
+            "SELECT CASE WHEN pg_replication_origin_oid({lit}) IS NULL \
+                    THEN pg_replication_origin_create({lit}) END"
+        ))
         .await
-        .map_err(ApplyError::member)?
-        .get::<_, bool>(0);
-    if !exists {
-        member
-            .execute("SELECT pg_replication_origin_create($1)", &[&origin])
-            .await
-            .map_err(ApplyError::member)?;
+        .map_err(err)?;
+    if rows
+        .first()
+        .and_then(|r| r.first().cloned().flatten())
+        .is_some()
+    {
         tracing::info!(origin, "created replication origin on the member");
     }
-    member
-        .execute("SELECT pg_replication_origin_session_setup($1)", &[&origin])
+    conn.simple_query(&format!(
+        "SELECT pg_replication_origin_session_setup({lit})"
+    ))
+    .await
+    .map_err(err)?;
+    let rows = conn
+        .simple_query("SELECT pg_replication_origin_session_progress(false)::text")
         .await
-        .map_err(ApplyError::member)?;
-    let lsn: Option<String> = member
-        .query_one(
-            "SELECT pg_replication_origin_session_progress(false)::text",
-            &[],
-        )
-        .await
-        .map_err(ApplyError::member)?
-        .get(0);
-    Ok(lsn.and_then(|l| l.parse().ok()).unwrap_or(Lsn::ZERO))
+        .map_err(err)?;
+    Ok(rows
+        .first()
+        .and_then(|r| r.first().cloned().flatten())
+        .and_then(|l| l.parse().ok())
+        .unwrap_or(Lsn::ZERO))
 }
 
 /// Reads an origin's progress from any session (for status).

@@ -12,9 +12,7 @@
 
 use std::fmt::Write;
 
-use bytes::BytesMut;
 use switchback_core::{quote_ident, Change, OldRow, OldRowKind, Value};
-use tokio_postgres::types::{to_sql_checked, Format, IsNull, ToSql, Type};
 
 use crate::target::{Matching, Target};
 use crate::ApplyError;
@@ -155,33 +153,6 @@ impl<'a> Builder<'a> {
     fn col(&self, i: usize) -> String {
         quote_ident(&self.t.hub.columns[i].name)
     }
-}
-
-/// A text-format parameter: the hub's text output, or NULL.
-#[derive(Debug)]
-pub struct TextParam(pub Option<Vec<u8>>);
-
-impl ToSql for TextParam {
-    fn to_sql(
-        &self,
-        _ty: &Type,
-        out: &mut BytesMut,
-    ) -> Result<IsNull, Box<dyn std::error::Error + Sync + Send>> {
-        match &self.0 {
-            None => Ok(IsNull::Yes),
-            Some(b) => {
-                out.extend_from_slice(b);
-                Ok(IsNull::No)
-            }
-        }
-    }
-    fn accepts(_ty: &Type) -> bool {
-        true
-    }
-    fn encode_format(&self, _ty: &Type) -> Format {
-        Format::Text
-    }
-    to_sql_checked!();
 }
 
 /// The new row with unchanged TOASTed values filled from a full old row when possible.
@@ -512,7 +483,7 @@ fn update_or_insert(b: &mut Builder, key: &ShapeKey, pred: Pred, upsert: Option<
 }
 
 /// The parameters of a planned change for a shape.
-pub fn params(t: &Target, shape: &Shape, p: &Planned) -> Result<Vec<TextParam>, ApplyError> {
+pub fn params(t: &Target, shape: &Shape, p: &Planned) -> Result<Vec<Option<Vec<u8>>>, ApplyError> {
     shape
         .params
         .iter()
@@ -522,8 +493,8 @@ pub fn params(t: &Target, shape: &Shape, p: &Planned) -> Result<Vec<TextParam>, 
                 Src::Old(i) => (&p.old, i),
             };
             match row.get(i).unwrap_or(&Value::Null) {
-                Value::Null => Ok(TextParam(None)),
-                Value::Text(b) => Ok(TextParam(Some(b.clone()))),
+                Value::Null => Ok(None),
+                Value::Text(b) => Ok(Some(b.clone())),
                 Value::Binary(_) => Err(ApplyError::Data(format!(
                     "table {}: column {} arrived in binary format, which switchback does not request",
                     t.display, t.hub.columns[i].name

@@ -24,13 +24,19 @@ use tokio::sync::watch;
 #[derive(Debug, thiserror::Error)]
 pub enum CaptureError {
     #[error(transparent)]
-    Pg(#[from] PgError),
+    Pg(Box<PgError>),
     #[error(transparent)]
     Queue(#[from] QueueError),
     #[error("decoding the hub's stream: {0}")]
     Decode(String),
     #[error("{0}")]
     Setup(String),
+}
+
+impl From<PgError> for CaptureError {
+    fn from(e: PgError) -> Self {
+        CaptureError::Pg(Box::new(e))
+    }
 }
 
 impl Classify for CaptureError {

@@ -161,15 +161,13 @@ pub async fn session<Q: QueueWriter + Send>(
                     _ = stop_status.changed() => break,
                 }
                 let acked = *ack_rx.borrow_and_update();
-                if let Err(e) = writer.send_status(acked, acked, acked, false).await {
-                    return Err::<_, PgError>(e);
-                }
+                writer.send_status(acked, acked, acked, false).await?;
             }
             // Final acknowledgement, then end the stream.
             let acked = *ack_rx.borrow();
             writer.send_status(acked, acked, acked, false).await?;
             let _ = writer.close().await;
-            Ok(())
+            Ok::<(), PgError>(())
         })
     };
 
@@ -297,7 +295,7 @@ fn parse_pg_duration_ms(v: &str) -> Option<u64> {
 
 /// Turns a definite error into the clearest message: an invalidated slot says so.
 pub async fn explain(cfg: &Config, e: CaptureError) -> CaptureError {
-    if let CaptureError::Pg(ref pg) = e {
+    if let CaptureError::Pg(pg) = &e {
         if pg.code().as_deref() == Some("55000") {
             if let Ok(hub_cfg) = cfg.hub_pg() {
                 if let Ok(session) = hub::connect(&hub_cfg, "hub").await {

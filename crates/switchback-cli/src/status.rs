@@ -15,7 +15,7 @@ use switchback_apply::ApplyStatus;
 use switchback_capture::CaptureProgress;
 use switchback_config::Config;
 use switchback_core::metric;
-use switchback_queue::{Depth, QueueReader, SledLog};
+use switchback_queue::{QueueReader, SledLog};
 use tokio::sync::watch;
 
 use crate::cli::StatusArgs;
@@ -62,7 +62,7 @@ fn snapshot(
     apply: &ApplyStatus,
     with_apply: bool,
 ) -> ProcessStatus {
-    let depth = reader.depth().unwrap_or(Depth::default());
+    let depth = reader.depth().unwrap_or_default();
     metrics::gauge!(metric::QUEUE_DEPTH_TRANSACTIONS).set(depth.transactions as f64);
     metrics::gauge!(metric::QUEUE_DEPTH_BYTES).set(depth.bytes as f64);
     ProcessStatus {

@@ -4,6 +4,7 @@
 
 pub mod error;
 pub mod hub;
+pub mod pipeline;
 pub mod replication;
 
 pub use error::PgError;

@@ -26,25 +26,25 @@ type Reader = Box<dyn AsyncRead + Send + Unpin>;
 type Writer = Box<dyn AsyncWrite + Send + Unpin>;
 
 /// One backend message: tag and body.
-struct BackendMessage {
-    tag: u8,
-    body: Bytes,
+pub(crate) struct BackendMessage {
+    pub(crate) tag: u8,
+    pub(crate) body: Bytes,
 }
 
 /// Reads backend messages; cancel-unsafe, so it is owned by one task.
 pub struct FrameReader {
     inner: tokio::io::BufReader<Reader>,
-    endpoint: String,
+    pub(crate) endpoint: String,
 }
 
 /// Writes frontend messages.
 pub struct FrameWriter {
     inner: Writer,
-    endpoint: String,
+    pub(crate) endpoint: String,
 }
 
 impl FrameReader {
-    async fn read(&mut self) -> Result<BackendMessage, PgError> {
+    pub(crate) async fn read(&mut self) -> Result<BackendMessage, PgError> {
         let io = |source| PgError::Io {
             endpoint: self.endpoint.clone(),
             source,
@@ -67,7 +67,7 @@ impl FrameReader {
 }
 
 impl FrameWriter {
-    async fn send(&mut self, buf: &[u8]) -> Result<(), PgError> {
+    pub(crate) async fn send(&mut self, buf: &[u8]) -> Result<(), PgError> {
         let io = |source| PgError::Io {
             endpoint: self.endpoint.clone(),
             source,
@@ -110,7 +110,7 @@ impl FrameWriter {
     }
 }
 
-fn parse_error_fields(mut body: &[u8]) -> ServerError {
+pub(crate) fn parse_error_fields(mut body: &[u8]) -> ServerError {
     let mut e = ServerError::default();
     while let Some((&field, rest)) = body.split_first() {
         if field == 0 {
@@ -150,9 +150,9 @@ pub struct CreatedSlot {
 
 /// A replication connection before streaming.
 pub struct ReplicationClient {
-    reader: FrameReader,
-    writer: FrameWriter,
-    endpoint: String,
+    pub(crate) reader: FrameReader,
+    pub(crate) writer: FrameWriter,
+    pub(crate) endpoint: String,
     /// ParameterStatus values reported by the server (server_version, ...).
     pub parameters: HashMap<String, String>,
 }
@@ -175,6 +175,15 @@ impl ReplicationClient {
     pub async fn connect(
         cfg: &tokio_postgres::Config,
         application_name: &str,
+    ) -> Result<ReplicationClient, PgError> {
+        Self::connect_with(cfg, application_name, true).await
+    }
+
+    /// Opens a connection, as a walsender (`replication`) or a normal backend.
+    pub(crate) async fn connect_with(
+        cfg: &tokio_postgres::Config,
+        application_name: &str,
+        replication: bool,
     ) -> Result<ReplicationClient, PgError> {
         let endpoint = endpoint_name(cfg);
         if cfg.get_ssl_mode() == SslMode::Require {
@@ -233,7 +242,7 @@ impl ReplicationClient {
             endpoint,
             parameters: HashMap::new(),
         };
-        client.startup(cfg, application_name).await?;
+        client.startup(cfg, application_name, replication).await?;
         Ok(client)
     }
 
@@ -255,6 +264,7 @@ impl ReplicationClient {
         &mut self,
         cfg: &tokio_postgres::Config,
         application_name: &str,
+        replication: bool,
     ) -> Result<(), PgError> {
         let user = cfg
             .get_user()
@@ -262,16 +272,18 @@ impl ReplicationClient {
             .or_else(|| std::env::var("USER").ok())
             .unwrap_or_else(|| "postgres".into());
         let dbname = cfg.get_dbname().unwrap_or(&user).to_string();
-        let params = [
+        let mut params = vec![
             ("user", user.as_str()),
             ("database", dbname.as_str()),
-            ("replication", "database"),
             ("application_name", application_name),
             ("client_encoding", "UTF8"),
             ("datestyle", "ISO"),
             ("intervalstyle", "postgres"),
             ("extra_float_digits", "3"),
         ];
+        if replication {
+            params.push(("replication", "database"));
+        }
         let mut buf = BytesMut::new();
         frontend::startup_message(params.iter().copied(), &mut buf)
             .map_err(|e| self.protocol(e.to_string()))?;

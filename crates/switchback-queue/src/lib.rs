@@ -48,6 +48,9 @@ impl switchback_core::Classify for QueueError {
     }
 }
 
+/// The records of a transaction, chunk by chunk.
+pub type RecordChunks<'a> = Box<dyn Iterator<Item = Result<Vec<Record>, QueueError>> + Send + 'a>;
+
 /// Identifies a transaction that is being written and is not visible yet.
 pub type OpenId = u64;
 
@@ -93,10 +96,7 @@ pub trait QueueReader {
     /// The first committed transaction with `seq >= from`, if any.
     fn next_from(&self, from: u64) -> Result<Option<QueuedTxn>, QueueError>;
     /// The records of a committed transaction, in order, chunk by chunk.
-    fn records(
-        &self,
-        txn: &QueuedTxn,
-    ) -> Result<Box<dyn Iterator<Item = Result<Vec<Record>, QueueError>> + Send + '_>, QueueError>;
+    fn records(&self, txn: &QueuedTxn) -> Result<RecordChunks<'_>, QueueError>;
     /// Acknowledges every transaction with `seq <= upto`; they may be deleted.
     fn ack(&self, upto: u64) -> Result<(), QueueError>;
     /// The highest acknowledged seq.

@@ -76,9 +76,7 @@ proptest! {
         for op in ops {
             match op {
                 Op::Open(s) => {
-                    if !open.contains_key(&s) {
-                        open.insert(s, (log.open(), Vec::new()));
-                    }
+                    open.entry(s).or_insert_with(|| (log.open(), Vec::new()));
                 }
                 Op::Append(s, sub, n) => {
                     if let Some((id, recs)) = open.get_mut(&s) {
@@ -133,7 +131,7 @@ proptest! {
                 prop_assert_eq!(t.header.end_lsn, Lsn(*end));
                 prop_assert!(t.header.end_lsn.0 > last);
                 last = t.header.end_lsn.0;
-                let got: Vec<Record> = log.records(t).unwrap().map(|c| c.unwrap()).flatten().collect();
+                let got: Vec<Record> = log.records(t).unwrap().flat_map(|c| c.unwrap()).collect();
                 prop_assert_eq!(&got, recs);
                 prop_assert_eq!(t.header.records, recs.len() as u64);
             }
