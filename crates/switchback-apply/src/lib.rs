@@ -469,7 +469,8 @@ impl Applier {
                         inflight.push(item);
                         changes += 1;
                         if inflight.len() >= STATEMENTS_PER_ROUND_TRIP {
-                            self.settle(&mut inflight, &ctx, &mut conflicts).await?;
+                            self.settle(&mut inflight, &ctx, &mut conflicts, careful)
+                                .await?;
                         }
                     }
                 }
@@ -506,7 +507,8 @@ impl Applier {
             expect: Expect::Nothing,
             ctx: None,
         });
-        self.settle(&mut inflight, &ctx, &mut conflicts).await?;
+        self.settle(&mut inflight, &ctx, &mut conflicts, careful)
+            .await?;
         // Durable in the member: now the queue may forget them.
         queue.ack(last.seq)?;
         self.progress = last.header.end_lsn;
@@ -539,6 +541,7 @@ impl Applier {
         inflight: &mut Vec<Queued>,
         ctx: &[Ctx],
         conflicts: &mut BTreeMap<Conflict, u64>,
+        careful: bool,
     ) -> Result<(), ApplyError> {
         let parses = std::mem::take(&mut self.parses);
         let parse_refs: Vec<(&str, &str)> = parses
@@ -565,7 +568,7 @@ impl Applier {
                         .retain(|_, (n, _)| !names.iter().any(|x| *x == n));
                 }
                 let at = e.index.and_then(|i| queued.get(i));
-                if e.code() == Some("23505") && at.is_some_and(|q| q.ctx.is_some()) {
+                if !careful && e.code() == Some("23505") && at.is_some_and(|q| q.ctx.is_some()) {
                     // The fast path's plain INSERT met an existing row: replay carefully.
                     self.rollback().await?;
                     return Err(ApplyError::Replay);

@@ -38,19 +38,29 @@ async fn capture(c: ConfigArg) -> anyhow::Result<ExitCode> {
     telemetry::init_metrics(cfg.metrics.listen.as_deref())?;
     let mut queue = open_queue(&cfg)?;
     let shutdown = signals::shutdown_on_signals();
-    let (progress, _) = watch::channel(Default::default());
+    let (progress, cap_rx) = watch::channel(Default::default());
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let status_task = tokio::spawn(crate::status::publish(
+        cfg.clone(),
+        queue.clone(),
+        cap_rx,
+        None,
+        stop_rx,
+    ));
     let span = tracing::info_span!("capture", pipeline = %cfg.pipeline.name, direction = "hub_to_member", slot = %cfg.slot_name());
-    switchback_capture::run(&cfg, &mut queue, shutdown, progress)
+    let r = switchback_capture::run(&cfg, &mut queue, shutdown, progress)
         .instrument(span)
-        .await
-        .map_err(|e| {
-            let transient = e.is_transient();
-            anyhow::Error::new(e).context(if transient {
-                "capture stopped"
-            } else {
-                "capture cannot continue"
-            })
-        })?;
+        .await;
+    let _ = stop_tx.send(true);
+    let _ = status_task.await;
+    r.map_err(|e| {
+        let transient = e.is_transient();
+        anyhow::Error::new(e).context(if transient {
+            "capture stopped"
+        } else {
+            "capture cannot continue"
+        })
+    })?;
     tracing::info!("capture stopped cleanly");
     Ok(ExitCode::SUCCESS)
 }
@@ -129,7 +139,7 @@ async fn run(c: ConfigArg) -> anyhow::Result<ExitCode> {
         cfg.clone(),
         reader.clone(),
         cap_rx.clone(),
-        apply_rx.clone(),
+        Some(apply_rx.clone()),
         stop_rx.clone(),
     ));
 
@@ -198,7 +208,7 @@ async fn apply(a: ApplyArgs) -> anyhow::Result<ExitCode> {
         cfg.clone(),
         reader.clone(),
         cap_rx,
-        apply_rx,
+        Some(apply_rx),
         stop_rx,
     ));
     let span = tracing::info_span!("apply", pipeline = %cfg.pipeline.name, direction = "hub_to_member", origin = %cfg.origin_name());

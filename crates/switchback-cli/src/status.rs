@@ -102,24 +102,50 @@ fn write_atomic(path: &PathBuf, st: &ProcessStatus) {
 }
 
 /// Refreshes the status file every second until `stop`, and once more at the end.
+/// Every fifth second it also reads the slot's lag on the hub for the metric.
 pub async fn publish(
     cfg: Config,
     reader: SledLog,
     cap: watch::Receiver<CaptureProgress>,
-    apply: watch::Receiver<ApplyStatus>,
+    apply: Option<watch::Receiver<ApplyStatus>>,
     mut stop: watch::Receiver<bool>,
 ) {
     let path = status_path(&cfg);
     let mut tick = tokio::time::interval(Duration::from_secs(1));
+    let mut hub: Option<switchback_pg::hub::Session> = None;
+    let mut n = 0u64;
     loop {
         tokio::select! {
             _ = tick.tick() => {}
             _ = stop.changed() => {}
         }
-        let st = snapshot(&reader, &cap.borrow(), &apply.borrow(), true);
+        let none = ApplyStatus::default();
+        let st = match &apply {
+            Some(a) => snapshot(&reader, &cap.borrow(), &a.borrow(), true),
+            None => snapshot(&reader, &cap.borrow(), &none, false),
+        };
         write_atomic(&path, &st);
         if *stop.borrow() {
             return;
+        }
+        n += 1;
+        if n % 5 == 1 {
+            if hub.is_none() {
+                if let Ok(c) = cfg.hub_pg() {
+                    hub = switchback_pg::hub::connect(&c, "hub").await.ok();
+                }
+            }
+            if let Some(h) = &hub {
+                match switchback_pg::hub::slot_state(h, &cfg.slot_name()).await {
+                    Ok(Some(s)) => {
+                        if let Some(lag) = s.lag_bytes {
+                            metrics::gauge!(metric::HUB_SLOT_LAG_BYTES).set(lag as f64);
+                        }
+                    }
+                    Ok(None) => {}
+                    Err(_) => hub = None,
+                }
+            }
         }
     }
 }

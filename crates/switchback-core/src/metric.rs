@@ -6,8 +6,6 @@
 pub const CAPTURE_TRANSACTIONS_TOTAL: &str = "switchback_capture_transactions_total";
 /// Row changes (and messages) stored in the queue by capture.
 pub const CAPTURE_CHANGES_TOTAL: &str = "switchback_capture_changes_total";
-/// Bytes of encoded records stored by capture.
-pub const CAPTURE_BYTES_TOTAL: &str = "switchback_capture_bytes_total";
 /// Queue flushes (durability points) made by capture.
 pub const CAPTURE_FLUSHES_TOTAL: &str = "switchback_capture_flushes_total";
 /// Transactions the hub sent again that were already stored (dropped).
