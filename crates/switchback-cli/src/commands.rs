@@ -72,34 +72,42 @@ async fn dump(d: DumpArgs) -> anyhow::Result<ExitCode> {
     let mut out = std::io::BufWriter::new(stdout.lock());
     for txn in queue.all()? {
         let mut rels = RelationSet::new();
-        let mut changes = Vec::new();
-        for chunk in queue.records(&txn)? {
-            for rec in chunk? {
-                if let Some(j) = json::change_json(&mut rels, rec) {
-                    changes.push(j);
+        if d.json {
+            // Streamed change by change: a huge transaction never sits in memory.
+            let head = serde_json::to_string(&json::header_json(txn.seq, &txn.header))?;
+            write!(out, "{},\"changes\":[", head.trim_end_matches('}'))?;
+            let mut first = true;
+            for chunk in queue.records(&txn)? {
+                for rec in chunk? {
+                    if let Some(j) = json::change_json(&mut rels, rec) {
+                        if !first {
+                            out.write_all(b",")?;
+                        }
+                        first = false;
+                        serde_json::to_writer(&mut out, &j)?;
+                    }
                 }
             }
-        }
-        if d.json {
-            let mut obj = json::header_json(txn.seq, &txn.header);
-            obj.insert("changes".into(), serde_json::Value::Array(changes));
-            serde_json::to_writer(&mut out, &obj)?;
-            writeln!(out)?;
+            writeln!(out, "]}}")?;
         } else {
             let h = &txn.header;
             writeln!(
                 out,
-                "seq {} xid {} commit {} end {} at {} origin {} — {} changes",
+                "seq {} xid {} commit {} end {} at {} origin {} — {} records",
                 txn.seq,
                 h.xid,
                 h.commit_lsn,
                 h.end_lsn,
                 switchback_core::time::format_pg_timestamp(h.commit_time),
                 h.origin.as_deref().unwrap_or("-"),
-                changes.len()
+                h.records
             )?;
-            for c in changes {
-                writeln!(out, "  {c}")?;
+            for chunk in queue.records(&txn)? {
+                for rec in chunk? {
+                    if let Some(j) = json::change_json(&mut rels, rec) {
+                        writeln!(out, "  {j}")?;
+                    }
+                }
             }
         }
     }

@@ -14,6 +14,7 @@ use clap::Parser;
 fn main() -> ExitCode {
     let args = cli::Cli::parse();
     telemetry::init_logging(&args.global);
+    let json_logs = args.global.log_format == cli::LogFormat::Json;
     // One worker thread by default: the connection tasks then write many pipelined
     // statements per syscall instead of racing the producer one message at a time
     // (measured: fewer syscalls, faster apply). SWITCHBACK_WORKER_THREADS overrides.
@@ -38,9 +39,12 @@ fn main() -> ExitCode {
     match rt.block_on(commands::dispatch(args)) {
         Ok(code) => code,
         Err(e) => {
-            // Errors are printed with their whole chain: which table, which fix.
-            eprintln!("error: {e:#}");
-            tracing::error!(error = %format!("{e:#}"), "switchback stopped");
+            // Errors are printed once, with their whole chain: which table, which fix.
+            if json_logs {
+                tracing::error!(error = %format!("{e:#}"), "switchback stopped");
+            } else {
+                eprintln!("error: {e:#}");
+            }
             ExitCode::FAILURE
         }
     }
