@@ -224,9 +224,42 @@ struct Applier {
     batch_txns: usize,
     batch_changes: usize,
     stats: ApplyStatus,
+    /// `session_replication_role = replica` is in effect on the apply session.
+    replica_role: bool,
 }
 
 type Ctx = (Arc<Target>, &'static str, u32, Lsn);
+
+/// Row changes of one table buffered in a group: (target, change, context index).
+type Buffered = (u32, Vec<(Arc<Target>, sql::Planned, usize)>);
+
+/// Runs of at least this many inserts (or updates) on one table become one statement.
+const MIN_INSERT_RUN: usize = 2;
+
+/// Length of the run of fast-path updates at the start of `items` whose keys are
+/// all distinct (one multi-row UPDATE must not touch a row twice).
+fn update_run(items: &[(Arc<Target>, sql::Planned, usize)]) -> Option<usize> {
+    let (tg, first, _) = items.first()?;
+    if first.key.kind != sql::Kind::UpdateFast {
+        return None;
+    }
+    let target::Matching::Key(keys) = &tg.matching else {
+        return None;
+    };
+    let mut seen = std::collections::HashSet::new();
+    let mut n = 0;
+    for (_, p, _) in items {
+        if p.key.kind != sql::Kind::UpdateFast {
+            break;
+        }
+        let k: Vec<&switchback_core::Value> = keys.iter().filter_map(|&i| p.new.get(i)).collect();
+        if !seen.insert(k) {
+            break;
+        }
+        n += 1;
+    }
+    Some(n)
+}
 
 fn pg_transient(e: &PgError) -> bool {
     e.class() == ErrorClass::Transient
@@ -264,6 +297,7 @@ impl Applier {
         conn.simple_query("SET standard_conforming_strings = on")
             .await
             .map_err(pg_err)?;
+        let mut replica_role = false;
         if cfg.apply.replica_role {
             if let Err(e) = conn
                 .simple_query("SET session_replication_role = replica")
@@ -275,6 +309,8 @@ impl Applier {
                      will fire during apply. Fix: connect as a superuser, or GRANT SET ON PARAMETER \
                      session_replication_role TO the apply role (PG15+)"
                 );
+            } else {
+                replica_role = true;
             }
         }
         let progress = progress::setup(&mut conn, &cfg.origin_name()).await?;
@@ -290,7 +326,89 @@ impl Applier {
             batch_txns: cfg.apply.batch_txns,
             batch_changes: cfg.apply.batch_changes,
             stats: ApplyStatus::default(),
+            replica_role,
         })
+    }
+
+    /// One statement for one row change.
+    fn queue_row(
+        &mut self,
+        tg: &Target,
+        planned: &sql::Planned,
+        at: usize,
+    ) -> Result<Queued, ApplyError> {
+        let (name, shape) = self.statement(tg, &planned.key);
+        let params = sql::params(tg, &shape, planned)?;
+        Ok(Queued {
+            what: QueuedSql::Prepared(name, params),
+            expect: shape.expect,
+            ctx: Some(at),
+        })
+    }
+
+    /// Moves the per-table buffers into the round trip, table by table in first
+    /// use order; runs of fast-path inserts become one multi-row statement.
+    fn flush_tables(
+        &mut self,
+        tables: &mut Vec<Buffered>,
+        inflight: &mut Vec<Queued>,
+    ) -> Result<(), ApplyError> {
+        for (_, items) in tables.drain(..) {
+            let mut i = 0;
+            while i < items.len() {
+                let run = items[i..]
+                    .iter()
+                    .take_while(|(_, p, _)| p.key.kind == sql::Kind::InsertFast)
+                    .count();
+                if run >= MIN_INSERT_RUN {
+                    let (tg, first, at) = &items[i];
+                    let n = tg.hub.columns.len();
+                    let key = sql::ShapeKey {
+                        rel: first.key.rel,
+                        kind: sql::Kind::InsertMany,
+                        by_old: false,
+                        skip_new: vec![false; n],
+                        skip_old: vec![false; n],
+                    };
+                    let (name, shape) = self.statement(tg, &key);
+                    let rows: Vec<&sql::Planned> =
+                        items[i..i + run].iter().map(|(_, p, _)| p).collect();
+                    let params = sql::many_params(tg, &shape, &rows)?;
+                    inflight.push(Queued {
+                        what: QueuedSql::Prepared(name, params),
+                        expect: Expect::Nothing,
+                        ctx: Some(*at),
+                    });
+                    i += run;
+                } else if let Some(run) = update_run(&items[i..]).filter(|&r| r >= MIN_INSERT_RUN) {
+                    let (tg, first, at) = &items[i];
+                    let n = tg.hub.columns.len();
+                    let key = sql::ShapeKey {
+                        rel: first.key.rel,
+                        kind: sql::Kind::UpdateMany,
+                        by_old: false,
+                        skip_new: vec![false; n],
+                        skip_old: vec![false; n],
+                    };
+                    let (name, shape) = self.statement(tg, &key);
+                    let rows: Vec<&sql::Planned> =
+                        items[i..i + run].iter().map(|(_, p, _)| p).collect();
+                    let params = sql::many_params(tg, &shape, &rows)?;
+                    inflight.push(Queued {
+                        what: QueuedSql::Prepared(name, params),
+                        expect: Expect::MustMatchN(run as u64),
+                        ctx: Some(*at),
+                    });
+                    i += run;
+                } else {
+                    let (tg, planned, at) = &items[i];
+                    let q = self.queue_row(tg, planned, *at)?;
+                    inflight.push(q);
+                    i += 1;
+                }
+            }
+        }
+        Ok(())
     }
 
     async fn target(&mut self, rel: Relation) -> Result<Arc<Target>, ApplyError> {
@@ -379,6 +497,12 @@ impl Applier {
     ) -> Result<u64, ApplyError> {
         let mut inflight: Vec<Queued> = Vec::new();
         let mut ctx: Vec<Ctx> = Vec::new();
+        // Fast path with member triggers and FKs off: changes to different tables
+        // commute, so they are buffered per table (order kept within a table) and
+        // runs of inserts become one statement.
+        let reorder = !careful && self.replica_role;
+        let mut tables: Vec<Buffered> = Vec::new();
+        let mut buffered = 0usize;
         let mut began = false;
         let mut txn = Some(first);
         let mut last: Option<QueuedTxn> = None;
@@ -420,6 +544,8 @@ impl Applier {
                                 cascade,
                                 restart_identity,
                             } => {
+                                // A barrier: everything buffered per table goes first.
+                                self.flush_tables(&mut tables, &mut inflight)?;
                                 let tgs: Vec<Arc<Target>> =
                                     oids.iter().filter_map(|o| rels.get(o).cloned()).collect();
                                 let refs: Vec<&Target> = tgs.iter().map(|t| t.as_ref()).collect();
@@ -454,15 +580,25 @@ impl Applier {
                                     ))
                                 })?;
                                 let planned = sql::plan(&tg, &change, careful)?;
-                                let (name, shape) = self.statement(&tg, &planned.key);
-                                let params = sql::params(&tg, &shape, &planned)?;
                                 *ops.entry(planned.op).or_default() += 1;
                                 ctx.push((tg.clone(), planned.op, t.header.xid, t.header.end_lsn));
-                                Queued {
-                                    what: QueuedSql::Prepared(name, params),
-                                    expect: shape.expect,
-                                    ctx: Some(ctx.len() - 1),
+                                let at = ctx.len() - 1;
+                                if reorder {
+                                    match tables.iter_mut().find(|(oid, _)| *oid == tg.hub.oid) {
+                                        Some((_, items)) => items.push((tg, planned, at)),
+                                        None => tables.push((tg.hub.oid, vec![(tg, planned, at)])),
+                                    }
+                                    buffered += 1;
+                                    changes += 1;
+                                    if buffered >= STATEMENTS_PER_ROUND_TRIP {
+                                        buffered = 0;
+                                        self.flush_tables(&mut tables, &mut inflight)?;
+                                        self.settle(&mut inflight, &ctx, &mut conflicts, careful)
+                                            .await?;
+                                    }
+                                    continue;
                                 }
+                                self.queue_row(&tg, &planned, at)?
                             }
                             Change::Message { .. } => continue,
                         };
@@ -496,6 +632,7 @@ impl Applier {
         let Some(last) = last else {
             unreachable!("a group without applied transactions returned early")
         };
+        self.flush_tables(&mut tables, &mut inflight)?;
         let stamp = progress::stamp(last.header.end_lsn, last.header.commit_time);
         inflight.push(Queued {
             what: QueuedSql::Sql(stamp),
@@ -594,7 +731,12 @@ impl Applier {
         let mut logged = 0usize;
         let mut unlogged = 0u64;
         for (q, o) in queued.iter().zip(&outcomes) {
-            if q.expect == Expect::MustMatch && o.rows == 0 {
+            let missed = match q.expect {
+                Expect::MustMatch => o.rows == 0,
+                Expect::MustMatchN(n) => o.rows != n,
+                _ => false,
+            };
+            if missed {
                 self.rollback().await?;
                 return Err(ApplyError::Replay);
             }

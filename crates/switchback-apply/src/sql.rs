@@ -64,6 +64,8 @@ pub enum Expect {
     /// Fast path: a plain UPDATE that must find its row; 0 rows sends the group to
     /// the careful replay, where the conflict is resolved and counted.
     MustMatch,
+    /// Fast path: a multi-row UPDATE that must update exactly this many rows.
+    MustMatchN(u64),
 }
 
 impl Expect {
@@ -82,7 +84,7 @@ impl Expect {
             }
             Expect::Update => (rows == 0).then_some(Conflict::UpdateMissingSkipped),
             Expect::Delete => (rows == 0).then_some(Conflict::DeleteMissing),
-            Expect::MustMatch => None,
+            Expect::MustMatch | Expect::MustMatchN(_) => None,
         }
     }
 
@@ -106,6 +108,12 @@ pub enum Src {
 pub enum Kind {
     /// Fast path: a plain INSERT (a unique violation sends the group to the careful replay).
     InsertFast,
+    /// Fast path: many plain INSERTs into one table as one statement, each column
+    /// passed as a text array (`unnest`).
+    InsertMany,
+    /// Fast path: many UPDATEs by distinct keys on one table as one statement; it
+    /// must update exactly as many rows, else the group is replayed carefully.
+    UpdateMany,
     /// Fast path: a plain UPDATE by key that must find its row.
     UpdateFast,
     Insert,
@@ -264,6 +272,65 @@ pub fn build(t: &Target, key: &ShapeKey) -> Shape {
         params: Vec::new(),
     };
     let expect = match key.kind {
+        Kind::InsertMany => {
+            let cols: Vec<(usize, String)> = t
+                .replicated()
+                .map(|(i, mc)| (i, mc.cast_type.clone()))
+                .collect();
+            let names: Vec<String> = cols.iter().map(|(i, _)| b.col(*i)).collect();
+            let mut arrays = Vec::new();
+            let mut casts = Vec::new();
+            for (n, (i, ty)) in cols.iter().enumerate() {
+                let p = b.p(Src::New(*i));
+                arrays.push(format!("{p}::text[]"));
+                casts.push(format!("u.c{n}::{ty}"));
+            }
+            let aliases: Vec<String> = (0..cols.len()).map(|n| format!("c{n}")).collect();
+            let _ = write!(
+                b.sql,
+                "INSERT INTO {} ({}) SELECT {} FROM unnest({}) AS u({})",
+                t.qualified,
+                names.join(", "),
+                casts.join(", "),
+                arrays.join(", "),
+                aliases.join(", ")
+            );
+            Expect::Nothing
+        }
+        Kind::UpdateMany => {
+            let Matching::Key(keys) = &t.matching else {
+                unreachable!("fast updates need a unique key")
+            };
+            let cols: Vec<(usize, String)> = t
+                .replicated()
+                .map(|(i, mc)| (i, mc.cast_type.clone()))
+                .collect();
+            let mut arrays = Vec::new();
+            let mut aliases = Vec::new();
+            let mut sets = Vec::new();
+            let mut preds = Vec::new();
+            for (n, (i, ty)) in cols.iter().enumerate() {
+                let p = b.p(Src::New(*i));
+                arrays.push(format!("{p}::text[]"));
+                aliases.push(format!("c{n}"));
+                let c = b.col(*i);
+                if keys.contains(i) {
+                    preds.push(format!("t.{c} = u.c{n}::{ty}"));
+                } else {
+                    sets.push(format!("{c} = u.c{n}::{ty}"));
+                }
+            }
+            let _ = write!(
+                b.sql,
+                "UPDATE {} AS t SET {} FROM unnest({}) AS u({}) WHERE {}",
+                t.qualified,
+                sets.join(", "),
+                arrays.join(", "),
+                aliases.join(", "),
+                preds.join(" AND ")
+            );
+            Expect::MustMatch
+        }
         Kind::InsertFast => {
             insert_values(&mut b);
             Expect::Nothing
@@ -504,6 +571,54 @@ pub fn params(t: &Target, shape: &Shape, p: &Planned) -> Result<Vec<Option<Vec<u
                     t.display, t.hub.columns[i].name
                 ))),
             }
+        })
+        .collect()
+}
+
+/// The parameters of an `InsertMany` or `UpdateMany` shape: one text-array literal per column,
+/// holding that column of every row (`NULL` elements for NULLs).
+pub fn many_params(
+    t: &Target,
+    shape: &Shape,
+    rows: &[&Planned],
+) -> Result<Vec<Option<Vec<u8>>>, ApplyError> {
+    shape
+        .params
+        .iter()
+        .map(|src| {
+            let Src::New(i) = *src else {
+                return Err(ApplyError::Data(
+                    "internal: InsertMany takes new rows only".into(),
+                ));
+            };
+            let mut out = Vec::with_capacity(rows.len() * 16 + 2);
+            out.push(b'{');
+            for (n, p) in rows.iter().enumerate() {
+                if n > 0 {
+                    out.push(b',');
+                }
+                match p.new.get(i).unwrap_or(&Value::Null) {
+                    Value::Null => out.extend_from_slice(b"NULL"),
+                    Value::Text(v) => {
+                        out.push(b'"');
+                        for &c in v {
+                            if c == b'"' || c == b'\\' {
+                                out.push(b'\\');
+                            }
+                            out.push(c);
+                        }
+                        out.push(b'"');
+                    }
+                    _ => {
+                        return Err(ApplyError::Data(format!(
+                            "table {}: column {} has no text value to insert",
+                            t.display, t.hub.columns[i].name
+                        )))
+                    }
+                }
+            }
+            out.push(b'}');
+            Ok(Some(out))
         })
         .collect()
 }

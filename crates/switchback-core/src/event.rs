@@ -96,7 +96,7 @@ impl Relation {
 }
 
 /// One column value.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum Value {
     Null,
     /// An unchanged TOASTed value: not sent; the target keeps what it has.
