@@ -2,4 +2,5 @@
 //! clusters (see `tests/harness`). One binary, so the shared hub and member start
 //! once. `SWITCHBACK_TEST_SCALE=full` runs the long tests at full size.
 
+mod apply;
 mod capture;

@@ -616,9 +616,17 @@ impl Cluster {
 
     /// Waits until a walsender streams from `slot`.
     pub fn wait_slot_active(&self, slot: &str, timeout: Duration) {
-        wait_until(timeout, &format!("slot {slot} to be active"), || {
-            self.slot(slot).is_some_and(|s| s.active)
-        });
+        // Active alone is not enough: while CREATE_REPLICATION_SLOT waits for a
+        // consistent point the slot is active with no confirmed_flush_lsn, and
+        // changes committed in that window are never decoded.
+        wait_until(
+            timeout,
+            &format!("slot {slot} to be active and consistent"),
+            || {
+                self.slot(slot)
+                    .is_some_and(|s| s.active && s.confirmed_flush.is_some())
+            },
+        );
     }
 
     /// Waits until `slot`'s confirmed_flush_lsn reaches `target`.
@@ -1107,7 +1115,9 @@ impl Pipeline {
             &format!("capture to stream from slot {slot}"),
             || {
                 c.assert_running();
-                hub.slot(&slot).is_some_and(|s| s.active)
+                // Consistent too (see wait_slot_active).
+                hub.slot(&slot)
+                    .is_some_and(|s| s.active && s.confirmed_flush.is_some())
             },
         );
         c

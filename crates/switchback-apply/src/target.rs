@@ -85,9 +85,18 @@ pub async fn resolve(member: &Client, rel: Arc<Relation>) -> Result<Target, Appl
     let oid: u32 = oid_row.get(0);
     let cols = member
         .query(
-            "SELECT a.attname::text, format_type(a.atttypid, NULL), a.attnotnull, a.atthasdef, \
-                    a.attgenerated <> '', a.attnum, t.typname::text \
-             FROM pg_attribute a JOIN pg_type t ON t.oid = a.atttypid \
+            // Casts in SELECT lists and comparisons are explicit, and an explicit
+            // cast to a type with a typmod truncates silently: cast to the type
+            // without typmod, except where "without typmod" still means a length
+            // (bare `character` is char(1), bare `bit` is bit(1)): there use the
+            // unlimited sibling and let assignment to the column check the length.
+            "SELECT a.attname::text, \
+                    CASE a.atttypid::regtype \
+                        WHEN 'bpchar'::regtype THEN 'bpchar' WHEN 'bpchar[]'::regtype THEN 'bpchar[]' \
+                        WHEN 'bit'::regtype THEN 'bit varying' WHEN 'bit[]'::regtype THEN 'bit varying[]' \
+                        ELSE format_type(a.atttypid, NULL) END, \
+                    a.attnotnull, a.atthasdef, a.attgenerated <> '', a.attnum \
+             FROM pg_attribute a \
              WHERE a.attrelid = $1 AND a.attnum > 0 AND NOT a.attisdropped ORDER BY a.attnum",
             &[&oid],
         )
@@ -96,12 +105,7 @@ pub async fn resolve(member: &Client, rel: Arc<Relation>) -> Result<Target, Appl
     let member_cols: Vec<(String, MemberColumn, i16)> = cols
         .iter()
         .map(|r| {
-            let typname: String = r.get(6);
-            let mut cast_type: String = r.get(1);
-            // A bare `bit` means bit(1): cast through varbit and let assignment check the length.
-            if typname == "bit" {
-                cast_type = "bit varying".into();
-            }
+            let cast_type: String = r.get(1);
             (
                 r.get::<_, String>(0),
                 MemberColumn {

@@ -99,6 +99,32 @@ impl Clone for SledLog {
     }
 }
 
+/// sled 0.34 writes a snapshot as `snap.<lsn>.generating`, then renames it. A kill
+/// in between leaves that file behind, and sled's next open may pick it (it does not
+/// skip `.generating` files) and fail with "corrupted data" for good: the queue
+/// would be lost (sled issues #1527, #1533; seen here after kill -9 during open).
+/// Such a file is an unfinished snapshot by construction and the log stays
+/// authoritative, so it is removed before opening.
+fn remove_unfinished_snapshots(dir: &Path) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let name = e.file_name();
+        let name = name.to_string_lossy();
+        if name.starts_with("snap.") && name.ends_with(".generating") {
+            match std::fs::remove_file(e.path()) {
+                Ok(()) => {
+                    tracing::warn!(file = %name, "removed an unfinished sled snapshot left by a crash")
+                }
+                Err(err) => {
+                    tracing::warn!(file = %name, error = %err, "cannot remove an unfinished sled snapshot")
+                }
+            }
+        }
+    }
+}
+
 fn be64(v: u64) -> [u8; 8] {
     v.to_be_bytes()
 }
@@ -121,6 +147,7 @@ impl SledLog {
     /// Opens (creating if needed) the log in `path` and recovers it.
     pub fn open(path: &Path) -> Result<SledLog, QueueError> {
         let p = path.display().to_string();
+        remove_unfinished_snapshots(path);
         let db = sled::Config::new()
             .path(path)
             .cache_capacity(64 * 1024 * 1024)
