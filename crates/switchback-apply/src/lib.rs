@@ -579,7 +579,7 @@ impl Applier {
                                         t.header.end_lsn
                                     ))
                                 })?;
-                                let planned = sql::plan(&tg, &change, careful)?;
+                                let planned = sql::plan(&tg, change, careful)?;
                                 *ops.entry(planned.op).or_default() += 1;
                                 ctx.push((tg.clone(), planned.op, t.header.xid, t.header.end_lsn));
                                 let at = ctx.len() - 1;

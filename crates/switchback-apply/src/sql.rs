@@ -164,17 +164,17 @@ impl<'a> Builder<'a> {
 }
 
 /// The new row with unchanged TOASTed values filled from a full old row when possible.
-fn effective_new(new: &[Value], old: Option<&OldRow>) -> Vec<Value> {
-    new.iter()
-        .enumerate()
-        .map(|(i, v)| match (v, old) {
-            (Value::Unchanged, Some(o)) if o.kind == OldRowKind::Full => match o.values.get(i) {
-                Some(ov @ Value::Text(_)) | Some(ov @ Value::Null) => ov.clone(),
-                _ => Value::Unchanged,
-            },
-            _ => v.clone(),
-        })
-        .collect()
+fn effective_new(mut new: Vec<Value>, old: Option<&OldRow>) -> Vec<Value> {
+    if let Some(o) = old.filter(|o| o.kind == OldRowKind::Full) {
+        for (i, v) in new.iter_mut().enumerate() {
+            if v.is_unchanged() {
+                if let Some(ov @ (Value::Text(_) | Value::Null)) = o.values.get(i) {
+                    *v = ov.clone();
+                }
+            }
+        }
+    }
+    new
 }
 
 /// A change ready to execute: its shape key and its row images.
@@ -187,15 +187,15 @@ pub struct Planned {
 
 /// Decides the shape of a row change on `t`. Without `careful`, inserts and
 /// same-key updates on tables with a unique key take the fast path.
-pub fn plan(t: &Target, change: &Change, careful: bool) -> Result<Planned, ApplyError> {
+pub fn plan(t: &Target, change: Change, careful: bool) -> Result<Planned, ApplyError> {
     let n = t.hub.columns.len();
     let none = vec![false; n];
     let (kind, by_old, new, old, op) = match change {
-        Change::Insert { new, .. } => (Kind::Insert, false, new.clone(), Vec::new(), "insert"),
+        Change::Insert { new, .. } => (Kind::Insert, false, new, Vec::new(), "insert"),
         Change::Update { old, new, .. } => {
             let new = effective_new(new, old.as_ref());
             let complete = !new.iter().any(Value::is_unchanged);
-            let key_changed = match (&t.matching, old) {
+            let key_changed = match (&t.matching, &old) {
                 (Matching::Key(k) | Matching::KeyNoIndex(k), Some(o)) => {
                     k.iter().any(|&i| o.values.get(i) != new.get(i))
                 }
@@ -217,12 +217,10 @@ pub fn plan(t: &Target, change: &Change, careful: bool) -> Result<Planned, Apply
             } else {
                 Kind::UpdateOrInsert
             };
-            let old_vals = old.as_ref().map(|o| o.values.clone()).unwrap_or_default();
+            let old_vals = old.map(|o| o.values).unwrap_or_default();
             (kind, by_old, new, old_vals, "update")
         }
-        Change::Delete { old, .. } => {
-            (Kind::Delete, true, Vec::new(), old.values.clone(), "delete")
-        }
+        Change::Delete { old, .. } => (Kind::Delete, true, Vec::new(), old.values, "delete"),
         Change::Truncate { .. } | Change::Message { .. } => {
             return Err(ApplyError::Data("internal: not a row change".into()))
         }
