@@ -346,6 +346,33 @@ impl Applier {
         })
     }
 
+    /// One multi-row statement (`InsertMany` / `UpdateMany`) for a run of changes
+    /// on one table.
+    fn queue_many(
+        &mut self,
+        run: &[(Arc<Target>, sql::Planned, usize)],
+        kind: sql::Kind,
+        expect: Expect,
+    ) -> Result<Queued, ApplyError> {
+        let (tg, first, at) = &run[0];
+        let n = tg.hub.columns.len();
+        let key = sql::ShapeKey {
+            rel: first.key.rel,
+            kind,
+            by_old: false,
+            skip_new: vec![false; n],
+            skip_old: vec![false; n],
+        };
+        let (name, shape) = self.statement(tg, &key);
+        let rows: Vec<&sql::Planned> = run.iter().map(|(_, p, _)| p).collect();
+        let params = sql::many_params(tg, &shape, &rows)?;
+        Ok(Queued {
+            what: QueuedSql::Prepared(name, params),
+            expect,
+            ctx: Some(*at),
+        })
+    }
+
     /// Moves the per-table buffers into the round trip, table by table in first
     /// use order; runs of fast-path inserts become one multi-row statement.
     fn flush_tables(
@@ -361,44 +388,20 @@ impl Applier {
                     .take_while(|(_, p, _)| p.key.kind == sql::Kind::InsertFast)
                     .count();
                 if run >= MIN_INSERT_RUN {
-                    let (tg, first, at) = &items[i];
-                    let n = tg.hub.columns.len();
-                    let key = sql::ShapeKey {
-                        rel: first.key.rel,
-                        kind: sql::Kind::InsertMany,
-                        by_old: false,
-                        skip_new: vec![false; n],
-                        skip_old: vec![false; n],
-                    };
-                    let (name, shape) = self.statement(tg, &key);
-                    let rows: Vec<&sql::Planned> =
-                        items[i..i + run].iter().map(|(_, p, _)| p).collect();
-                    let params = sql::many_params(tg, &shape, &rows)?;
-                    inflight.push(Queued {
-                        what: QueuedSql::Prepared(name, params),
-                        expect: Expect::Nothing,
-                        ctx: Some(*at),
-                    });
+                    let q = self.queue_many(
+                        &items[i..i + run],
+                        sql::Kind::InsertMany,
+                        Expect::Nothing,
+                    )?;
+                    inflight.push(q);
                     i += run;
                 } else if let Some(run) = update_run(&items[i..]).filter(|&r| r >= MIN_INSERT_RUN) {
-                    let (tg, first, at) = &items[i];
-                    let n = tg.hub.columns.len();
-                    let key = sql::ShapeKey {
-                        rel: first.key.rel,
-                        kind: sql::Kind::UpdateMany,
-                        by_old: false,
-                        skip_new: vec![false; n],
-                        skip_old: vec![false; n],
-                    };
-                    let (name, shape) = self.statement(tg, &key);
-                    let rows: Vec<&sql::Planned> =
-                        items[i..i + run].iter().map(|(_, p, _)| p).collect();
-                    let params = sql::many_params(tg, &shape, &rows)?;
-                    inflight.push(Queued {
-                        what: QueuedSql::Prepared(name, params),
-                        expect: Expect::MustMatchN(run as u64),
-                        ctx: Some(*at),
-                    });
+                    let q = self.queue_many(
+                        &items[i..i + run],
+                        sql::Kind::UpdateMany,
+                        Expect::MustMatchN(run as u64),
+                    )?;
+                    inflight.push(q);
                     i += run;
                 } else {
                     let (tg, planned, at) = &items[i];

@@ -145,27 +145,10 @@ impl PipelineConn {
 
     /// Runs SQL with the simple query protocol; returns the rows of the last result.
     pub async fn simple_query(&mut self, sql: &str) -> Result<Vec<Vec<Option<String>>>, PgError> {
-        let mut out = BytesMut::new();
-        message(&mut out, b'Q', |b| cstr(b, sql));
-        self.writer.send(&out).await?;
-        let mut rows = Vec::new();
-        let mut error = None;
-        loop {
-            let msg = self.reader.read().await?;
-            match msg.tag {
-                b'T' => rows.clear(),
-                b'D' => rows.push(vec![first_column(&msg.body)]),
-                b'E' => error = Some(self.server_error(parse_error_fields(&msg.body))),
-                b'Z' => {
-                    self.txn_status = msg.body.first().copied().unwrap_or(b'I');
-                    return match error {
-                        Some(e) => Err(e),
-                        None => Ok(rows),
-                    };
-                }
-                _ => {}
-            }
-        }
+        let (rows, status) =
+            crate::replication::simple_query(&mut self.reader, &mut self.writer, sql).await?;
+        self.txn_status = status;
+        Ok(rows)
     }
 
     fn server_error(&self, error: ServerError) -> PgError {

@@ -402,56 +402,9 @@ impl ReplicationClient {
     /// Runs a replication or SQL command with the simple query protocol and returns
     /// the rows of its (last) result as text.
     pub async fn simple_query(&mut self, sql: &str) -> Result<Vec<Vec<Option<String>>>, PgError> {
-        let mut buf = BytesMut::new();
-        frontend::query(sql, &mut buf).map_err(|e| self.protocol(e.to_string()))?;
-        self.writer.send(&buf).await?;
-        let mut rows = Vec::new();
-        let mut error = None;
-        loop {
-            let msg = self.reader.read().await?;
-            match msg.tag {
-                b'T' => rows.clear(),
-                b'D' => {
-                    let mut b = msg.body.clone();
-                    if b.len() < 2 {
-                        return Err(self.protocol("short DataRow"));
-                    }
-                    let n = b.get_i16();
-                    let mut row = Vec::with_capacity(n.max(0) as usize);
-                    for _ in 0..n {
-                        if b.len() < 4 {
-                            return Err(self.protocol("short DataRow"));
-                        }
-                        let len = b.get_i32();
-                        if len < 0 {
-                            row.push(None);
-                        } else {
-                            let len = len as usize;
-                            if b.len() < len {
-                                return Err(self.protocol("short DataRow"));
-                            }
-                            row.push(Some(String::from_utf8_lossy(&b[..len]).into_owned()));
-                            b.advance(len);
-                        }
-                    }
-                    rows.push(row);
-                }
-                b'C' | b'I' | b'N' | b'S' => {}
-                b'E' => error = Some(self.server_error(&msg.body)),
-                b'Z' => {
-                    return match error {
-                        Some(e) => Err(e),
-                        None => Ok(rows),
-                    }
-                }
-                other => {
-                    return Err(self.protocol(format!(
-                        "unexpected message {:?} in query result",
-                        other as char
-                    )))
-                }
-            }
-        }
+        simple_query(&mut self.reader, &mut self.writer, sql)
+            .await
+            .map(|(rows, _)| rows)
     }
 
     pub async fn identify_system(&mut self) -> Result<SystemInfo, PgError> {
@@ -538,6 +491,81 @@ impl ReplicationClient {
             }
         }
     }
+}
+
+/// The simple query protocol on a connection: sends `sql`, returns the rows of
+/// the last result as text and the transaction status of ReadyForQuery.
+pub(crate) async fn simple_query(
+    reader: &mut FrameReader,
+    writer: &mut FrameWriter,
+    sql: &str,
+) -> Result<(Vec<Vec<Option<String>>>, u8), PgError> {
+    let endpoint = reader.endpoint.clone();
+    let protocol = |message: String| PgError::Protocol {
+        endpoint: endpoint.clone(),
+        message,
+    };
+    let mut buf = BytesMut::new();
+    frontend::query(sql, &mut buf).map_err(|e| protocol(e.to_string()))?;
+    writer.send(&buf).await?;
+    let mut rows = Vec::new();
+    let mut error = None;
+    loop {
+        let msg = reader.read().await?;
+        match msg.tag {
+            b'T' => rows.clear(),
+            b'D' => rows.push(data_row(&msg.body).ok_or_else(|| protocol("short DataRow".into()))?),
+            b'C' | b'I' | b'N' | b'S' => {}
+            b'E' => {
+                error = Some(PgError::Server {
+                    endpoint: reader.endpoint.clone(),
+                    error: parse_error_fields(&msg.body),
+                })
+            }
+            b'Z' => {
+                let status = msg.body.first().copied().unwrap_or(b'I');
+                return match error {
+                    Some(e) => Err(e),
+                    None => Ok((rows, status)),
+                };
+            }
+            other => {
+                return Err(protocol(format!(
+                    "unexpected message {:?} in query result",
+                    other as char
+                )))
+            }
+        }
+    }
+}
+
+/// Decodes a DataRow body into text values (None for NULL).
+fn data_row(body: &[u8]) -> Option<Vec<Option<String>>> {
+    let mut b = body;
+    if b.len() < 2 {
+        return None;
+    }
+    let n = i16::from_be_bytes([b[0], b[1]]);
+    b = &b[2..];
+    let mut row = Vec::with_capacity(n.max(0) as usize);
+    for _ in 0..n {
+        if b.len() < 4 {
+            return None;
+        }
+        let len = i32::from_be_bytes([b[0], b[1], b[2], b[3]]);
+        b = &b[4..];
+        if len < 0 {
+            row.push(None);
+        } else {
+            let len = len as usize;
+            if b.len() < len {
+                return None;
+            }
+            row.push(Some(String::from_utf8_lossy(&b[..len]).into_owned()));
+            b = &b[len..];
+        }
+    }
+    Some(row)
 }
 
 /// What the stream delivers.
