@@ -1261,3 +1261,63 @@ fn queue_survives_kill9_during_snapshot_write() {
     assert_eq!(member.psql(&mdb, q), hub.psql(&hdb, q));
     stop_run(&mut run);
 }
+
+/// A fast-path conflict must be decided before anything commits: one hub
+/// transaction updates a row the member lacks (the fast path's plain UPDATE finds
+/// nothing), deletes a row and inserts a new one. The group is replayed with
+/// upserts from a rolled-back state, so exactly one conflict is counted
+/// (update_missing) and none for the delete or the insert — a replay on top of a
+/// committed attempt would count delete_missing and insert_existing too.
+#[test]
+fn fast_path_conflict_is_replayed_before_commit() {
+    let _timed = Timed::start("fast_path_conflict_is_replayed_before_commit");
+    let hub = hub();
+    let member = member();
+    let hdb = hub.create_db("apply_fastpath");
+    let mdb = member.create_db("apply_fastpath");
+    let ddl = "CREATE TABLE items (id int PRIMARY KEY, qty int)";
+    hub.psql(&hdb, ddl);
+    member.psql(&mdb, ddl);
+    hub.psql(&hdb, "INSERT INTO items VALUES (2, 2), (10, 10), (11, 11)");
+    member.psql(&mdb, "INSERT INTO items VALUES (10, 10), (11, 11)");
+    let pipe = Pipeline::new("apply_fastpath", &hub.url(&hdb), &member.url(&mdb), "");
+    let _slot = drop_slot_later(hub, &pipe);
+    // Capture alone first, so that apply later finds the whole transaction queued.
+    let mut capture = start(hub, &pipe, "capture");
+    hub.psql(
+        &hdb,
+        "BEGIN; UPDATE items SET qty = 22 WHERE id = 2; DELETE FROM items WHERE id = 10; \
+         INSERT INTO items VALUES (12, 12); COMMIT;",
+    );
+    let target = hub.current_wal_lsn();
+    hub.wait_slot_confirmed(&pipe.slot(), target, MINUTE);
+    let st = capture.sigint_and_wait();
+    assert!(st.success(), "capture did not stop cleanly: {st}");
+
+    let out = pipe.run(&["apply", "--until-empty"]);
+    assert!(
+        out.status.success(),
+        "apply failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        member
+            .psql(
+                &mdb,
+                "SELECT string_agg(id || ':' || qty, ',' ORDER BY id) FROM items"
+            )
+            .trim(),
+        "2:22,11:11,12:12"
+    );
+    let status: Value = serde_json::from_slice(
+        &std::fs::read(format!("{}.status.json", pipe.queue_path().display())).unwrap(),
+    )
+    .unwrap();
+    let conflicts = &status["apply"]["conflicts"];
+    assert_eq!(
+        conflicts,
+        &serde_json::json!({"update_missing": 1}),
+        "exactly the one real conflict; status: {status}\napply log:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

@@ -642,13 +642,11 @@ impl Applier {
             expect: Expect::Nothing,
             ctx: None,
         });
-        inflight.push(Queued {
-            what: QueuedSql::Sql("COMMIT".into()),
-            expect: Expect::Nothing,
-            ctx: None,
-        });
         self.settle(&mut inflight, &ctx, &mut conflicts, careful)
             .await?;
+        // COMMIT only now: every outcome was checked, so a fast-path conflict has
+        // already rolled the attempt back instead of committing it.
+        self.conn.simple_query("COMMIT").await.map_err(pg_err)?;
         // Durable in the member: now the queue may forget them.
         queue.ack(last.seq)?;
         self.progress = last.header.end_lsn;
@@ -773,6 +771,7 @@ impl Applier {
     }
 
     async fn rollback(&mut self) -> Result<(), ApplyError> {
+        tracing::debug!(status = %(self.conn.txn_status as char), "rolling back the group");
         if self.conn.txn_status != b'I' {
             self.conn.simple_query("ROLLBACK").await.map_err(pg_err)?;
         }
