@@ -1321,3 +1321,55 @@ fn fast_path_conflict_is_replayed_before_commit() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// The same with several round trips in flight: one hub transaction updates 1,500
+/// rows and the member lacks the first. The conflict is found while a later round
+/// trip of the same group is still unread; apply must read it (the connection stays
+/// in step), roll back, replay, and count exactly one conflict.
+#[test]
+fn fast_path_conflict_with_round_trips_in_flight() {
+    let _timed = Timed::start("fast_path_conflict_with_round_trips_in_flight");
+    let hub = hub();
+    let member = member();
+    let hdb = hub.create_db("apply_inflight");
+    let mdb = member.create_db("apply_inflight");
+    let ddl = "CREATE TABLE items (id int PRIMARY KEY, qty int)";
+    hub.psql(&hdb, ddl);
+    member.psql(&mdb, ddl);
+    hub.psql(
+        &hdb,
+        "INSERT INTO items SELECT i, i FROM generate_series(1, 1500) i",
+    );
+    member.psql(
+        &mdb,
+        "INSERT INTO items SELECT i, i FROM generate_series(2, 1500) i",
+    );
+    let pipe = Pipeline::new("apply_inflight", &hub.url(&hdb), &member.url(&mdb), "");
+    let _slot = drop_slot_later(hub, &pipe);
+    let mut capture = start(hub, &pipe, "capture");
+    hub.psql(&hdb, "UPDATE items SET qty = qty + 1");
+    let target = hub.current_wal_lsn();
+    hub.wait_slot_confirmed(&pipe.slot(), target, MINUTE);
+    let st = capture.sigint_and_wait();
+    assert!(st.success(), "capture did not stop cleanly: {st}");
+
+    let out = pipe.run(&["apply", "--until-empty"]);
+    assert!(
+        out.status.success(),
+        "apply failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        fingerprint(member, &mdb, "items", "id"),
+        fingerprint(hub, &hdb, "items", "id")
+    );
+    let status: Value = serde_json::from_slice(
+        &std::fs::read(format!("{}.status.json", pipe.queue_path().display())).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(
+        &status["apply"]["conflicts"],
+        &serde_json::json!({"update_missing": 1}),
+        "exactly the one real conflict; status: {status}"
+    );
+}

@@ -190,8 +190,11 @@ pub async fn run<R: QueueReader + Sync>(
     }
 }
 
-/// Row changes sent in one round trip at most.
-const STATEMENTS_PER_ROUND_TRIP: usize = 2000;
+/// Statements sent in one round trip at most.
+const STATEMENTS_PER_ROUND_TRIP: usize = 500;
+/// Round trips left unread while the next is built (their responses, a few dozen
+/// bytes a statement, stay far below socket buffer sizes).
+const MAX_UNREAD: usize = 1;
 /// Conflicts logged one by one per round trip; the rest are summarised.
 const CONFLICTS_LOGGED_PER_ROUND_TRIP: usize = 5;
 
@@ -226,6 +229,15 @@ struct Applier {
     stats: ApplyStatus,
     /// `session_replication_role = replica` is in effect on the apply session.
     replica_role: bool,
+    /// Round trips of the current group sent and not read yet, oldest first.
+    sent: std::collections::VecDeque<SentBatch>,
+}
+
+/// A round trip sent to the member whose outcomes are not read yet.
+struct SentBatch {
+    queued: Vec<Queued>,
+    /// Statements first parsed in it (forgotten if their parse failed).
+    parses: Vec<String>,
 }
 
 type Ctx = (Arc<Target>, &'static str, u32, Lsn);
@@ -327,6 +339,7 @@ impl Applier {
             batch_changes: cfg.apply.batch_changes,
             stats: ApplyStatus::default(),
             replica_role,
+            sent: Default::default(),
         })
     }
 
@@ -644,6 +657,7 @@ impl Applier {
         });
         self.settle(&mut inflight, &ctx, &mut conflicts, careful)
             .await?;
+        self.drain(&ctx, &mut conflicts, careful).await?;
         // COMMIT only now: every outcome was checked, so a fast-path conflict has
         // already rolled the attempt back instead of committing it.
         self.conn.simple_query("COMMIT").await.map_err(pg_err)?;
@@ -672,8 +686,11 @@ impl Applier {
         Ok(last.seq + 1)
     }
 
-    /// Sends the queued statements in one round trip and reads their outcomes. An
-    /// error ends the group: the member transaction is rolled back, the queue untouched.
+    /// Sends the queued statements as one round trip without waiting for them, then
+    /// reads the outcomes of older round trips so that at most [`MAX_UNREAD`] stay
+    /// unread: the next round trip is built while the member executes this one.
+    /// All of them are in the group's one member transaction, which commits only
+    /// after [`drain`](Self::drain) has read and checked every outcome.
     async fn settle(
         &mut self,
         inflight: &mut Vec<Queued>,
@@ -693,25 +710,84 @@ impl Applier {
                 QueuedSql::Sql(sql) => Entry::Sql(sql),
             })
             .collect();
-        let result = self.conn.batch(&parse_refs, &entries).await;
+        let sent = self.conn.send(&parse_refs, &entries).await;
         drop(entries);
         let queued = std::mem::take(inflight);
-        let outcomes = match result {
+        sent.map_err(pg_err)?;
+        self.sent.push_back(SentBatch {
+            queued,
+            parses: parses.into_iter().map(|(n, _)| n).collect(),
+        });
+        while self.sent.len() > MAX_UNREAD {
+            self.receive_one(ctx, conflicts, careful).await?;
+        }
+        Ok(())
+    }
+
+    /// Reads and checks every round trip still unread.
+    async fn drain(
+        &mut self,
+        ctx: &[Ctx],
+        conflicts: &mut BTreeMap<Conflict, u64>,
+        careful: bool,
+    ) -> Result<(), ApplyError> {
+        while !self.sent.is_empty() {
+            self.receive_one(ctx, conflicts, careful).await?;
+        }
+        Ok(())
+    }
+
+    /// Ends a failed attempt: reads what the member still owes (the connection must
+    /// stay in step), then rolls the member transaction back.
+    async fn abandon(&mut self) -> Result<(), ApplyError> {
+        while let Some(b) = self.sent.pop_front() {
+            if let Err(e) = self.conn.receive().await {
+                if pg_transient(&e.error) {
+                    self.sent.clear();
+                    return Err(pg_err(e.error));
+                }
+                if e.index.is_none() {
+                    self.forget_statements(&b.parses);
+                }
+            }
+        }
+        self.rollback().await
+    }
+
+    fn forget_statements(&mut self, names: &[String]) {
+        self.statements.retain(|_, (n, _)| !names.contains(n));
+    }
+
+    /// Reads the outcomes of the oldest unread round trip. A conflict on the fast
+    /// path or an error abandons the attempt (nothing of it commits).
+    async fn receive_one(
+        &mut self,
+        ctx: &[Ctx],
+        conflicts: &mut BTreeMap<Conflict, u64>,
+        careful: bool,
+    ) -> Result<(), ApplyError> {
+        let Some(batch) = self.sent.pop_front() else {
+            return Ok(());
+        };
+        let queued = batch.queued;
+        let outcomes = match self.conn.receive().await {
             Ok(o) => o,
             Err(e) => {
-                if e.index.is_none() && !pg_transient(&e.error) {
-                    // A statement could not be prepared: forget the new ones.
-                    let names: Vec<&String> = parses.iter().map(|(n, _)| n).collect();
-                    self.statements
-                        .retain(|_, (n, _)| !names.iter().any(|x| *x == n));
+                let transient = pg_transient(&e.error);
+                if transient {
+                    self.sent.clear();
+                } else {
+                    if e.index.is_none() {
+                        // A statement could not be prepared: forget the new ones.
+                        self.forget_statements(&batch.parses);
+                    }
+                    self.abandon().await?;
                 }
                 let at = e.index.and_then(|i| queued.get(i));
                 if !careful && e.code() == Some("23505") && at.is_some_and(|q| q.ctx.is_some()) {
                     // The fast path's plain INSERT met an existing row: replay carefully.
-                    self.rollback().await?;
                     return Err(ApplyError::Replay);
                 }
-                let transient = pg_transient(&e.error);
                 let context = match at.and_then(|q| q.ctx).and_then(|i| ctx.get(i)) {
                     Some((tg, op, xid, lsn)) => format!(
                         "{op} on table {} (hub transaction {xid} ending at {lsn})",
@@ -719,9 +795,6 @@ impl Applier {
                     ),
                     None => "applying a transaction group".to_string(),
                 };
-                if !transient {
-                    self.rollback().await?;
-                }
                 return Err(ApplyError::Statement {
                     context,
                     message: pg_describe(&e.error),
@@ -738,7 +811,7 @@ impl Applier {
                 _ => false,
             };
             if missed {
-                self.rollback().await?;
+                self.abandon().await?;
                 return Err(ApplyError::Replay);
             }
             let returned = o.returned.as_deref().map(|v| v == "t");

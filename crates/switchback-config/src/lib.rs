@@ -67,10 +67,10 @@ fn default_true() -> bool {
     true
 }
 fn default_batch_txns() -> usize {
-    200
+    2000
 }
 fn default_batch_changes() -> usize {
-    5000
+    20_000
 }
 fn default_status_interval_ms() -> u64 {
     1000
@@ -220,6 +220,7 @@ impl Default for Capture {
 #[serde(deny_unknown_fields)]
 pub struct Apply {
     /// Consecutive hub transactions grouped into one member transaction, at most.
+    /// Only what is already queued is grouped: under light load groups stay small.
     #[serde(default = "default_batch_txns")]
     pub batch_txns: usize,
     /// Row changes per member transaction before a group is closed (a single larger

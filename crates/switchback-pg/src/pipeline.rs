@@ -3,9 +3,10 @@
 //! batch ends with a single Sync. The server then answers a batch with one flush
 //! instead of one per statement (tokio-postgres sends a Sync after every query).
 //!
-//! Requests are written while responses are read, in one task, so a large batch
-//! never deadlocks on full socket buffers. After an error the server skips the
-//! rest of the batch up to the Sync; the error says which entry failed.
+//! A batch is sent without waiting for the previous one's outcomes, so the client
+//! prepares the next batch while the server executes this one. After an error the
+//! server skips the rest of the batch up to the Sync; the error says which entry
+//! failed.
 
 use bytes::{BufMut, BytesMut};
 
@@ -54,6 +55,8 @@ pub struct PipelineConn {
     endpoint: String,
     /// Transaction status of the last ReadyForQuery: I idle, T in transaction, E failed.
     pub txn_status: u8,
+    /// Parses expected in each batch sent and not read yet, oldest first.
+    unread: std::collections::VecDeque<usize>,
 }
 
 fn cstr(out: &mut BytesMut, s: &str) {
@@ -136,6 +139,7 @@ impl PipelineConn {
             writer: c.writer,
             endpoint: c.endpoint,
             txn_status: b'I',
+            unread: Default::default(),
         })
     }
 
@@ -158,13 +162,16 @@ impl PipelineConn {
         }
     }
 
-    /// Sends `parses` (new named statements), then every entry, then one Sync, and
-    /// reads the outcomes in order.
-    pub async fn batch(
+    /// Sends `parses` (new named statements), then every entry, then one Sync,
+    /// without reading anything: the outcomes are read later with [`receive`](Self::receive),
+    /// in the order the batches were sent. Keep the unread responses small (a few
+    /// batches of a few hundred entries): a server blocked on a full socket stops
+    /// reading, and a client blocked writing would then wait for ever.
+    pub async fn send(
         &mut self,
         parses: &[(&str, &str)],
         entries: &[Entry<'_>],
-    ) -> Result<Vec<Outcome>, BatchError> {
+    ) -> Result<(), PgError> {
         let mut out = BytesMut::with_capacity(64 * 1024);
         for (name, sql) in parses {
             put_parse(&mut out, name, sql);
@@ -179,72 +186,71 @@ impl PipelineConn {
             }
         }
         message(&mut out, b'S', |_| {});
+        self.writer.send(&out).await?;
+        self.unread.push_back(parses.len());
+        Ok(())
+    }
 
-        let writer = &mut self.writer;
-        let reader = &mut self.reader;
-        let expected_parses = parses.len();
-        let write = async move { writer.send(&out).await };
-        let read = async move {
-            let mut outcomes = Vec::with_capacity(entries.len());
-            let mut parsed = 0usize;
-            let mut returned: Option<String> = None;
-            let mut failure: Option<(Option<usize>, ServerError)> = None;
-            loop {
-                let msg = reader
-                    .read()
-                    .await
-                    .map_err(|error| BatchError { index: None, error })?;
-                match msg.tag {
-                    b'1' => {
-                        if parsed < expected_parses {
-                            parsed += 1;
-                        }
-                    }
-                    b'2' | b'n' | b'N' | b'S' | b's' => {}
-                    b'D' => returned = first_column(&msg.body),
-                    b'C' | b'I' => {
-                        outcomes.push(Outcome {
-                            rows: if msg.tag == b'C' {
-                                tag_rows(&msg.body)
-                            } else {
-                                0
-                            },
-                            returned: returned.take(),
-                        });
-                    }
-                    b'E' => {
-                        let index = (parsed >= expected_parses).then_some(outcomes.len());
-                        failure = Some((index, parse_error_fields(&msg.body)));
-                    }
-                    b'Z' => {
-                        let status = msg.body.first().copied().unwrap_or(b'I');
-                        return Ok((outcomes, failure, status));
-                    }
-                    other => {
-                        return Err(BatchError {
-                            index: None,
-                            error: PgError::Protocol {
-                                endpoint: reader.endpoint.clone(),
-                                message: format!(
-                                    "unexpected message {:?} in a batch",
-                                    other as char
-                                ),
-                            },
-                        })
+    /// Batches sent whose outcomes were not read yet.
+    pub fn unread(&self) -> usize {
+        self.unread.len()
+    }
+
+    /// Reads the outcomes of the oldest unread batch, up to its ReadyForQuery.
+    pub async fn receive(&mut self) -> Result<Vec<Outcome>, BatchError> {
+        let expected_parses = self.unread.pop_front().unwrap_or(0);
+        let mut outcomes = Vec::new();
+        let mut parsed = 0usize;
+        let mut returned: Option<String> = None;
+        let mut failure: Option<(Option<usize>, ServerError)> = None;
+        loop {
+            let msg = self
+                .reader
+                .read()
+                .await
+                .map_err(|error| BatchError { index: None, error })?;
+            match msg.tag {
+                b'1' => {
+                    if parsed < expected_parses {
+                        parsed += 1;
                     }
                 }
+                b'2' | b'n' | b'N' | b'S' | b's' => {}
+                b'D' => returned = first_column(&msg.body),
+                b'C' | b'I' => {
+                    outcomes.push(Outcome {
+                        rows: if msg.tag == b'C' {
+                            tag_rows(&msg.body)
+                        } else {
+                            0
+                        },
+                        returned: returned.take(),
+                    });
+                }
+                b'E' => {
+                    let index = (parsed >= expected_parses).then_some(outcomes.len());
+                    failure = Some((index, parse_error_fields(&msg.body)));
+                }
+                b'Z' => {
+                    self.txn_status = msg.body.first().copied().unwrap_or(b'I');
+                    return match failure {
+                        Some((index, error)) => Err(BatchError {
+                            index,
+                            error: self.server_error(error),
+                        }),
+                        None => Ok(outcomes),
+                    };
+                }
+                other => {
+                    return Err(BatchError {
+                        index: None,
+                        error: PgError::Protocol {
+                            endpoint: self.endpoint.clone(),
+                            message: format!("unexpected message {:?} in a batch", other as char),
+                        },
+                    })
+                }
             }
-        };
-        let (w, r) = tokio::join!(write, read);
-        w.map_err(|error| BatchError { index: None, error })?;
-        let (outcomes, failure, status) = r?;
-        self.txn_status = status;
-        match failure {
-            Some((index, error)) => Err(BatchError {
-                index,
-                error: self.server_error(error),
-            }),
-            None => Ok(outcomes),
         }
     }
 }
