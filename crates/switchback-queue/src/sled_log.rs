@@ -16,8 +16,9 @@
 //! # Durability point
 //!
 //! A commit is one single-key write: the header, after its chunks. The meta keys
-//! are written after it and only ever grow, so recovery takes the maximum of each
-//! meta key and what the headers show. [`SledLog::flush`] flushes the whole
+//! only ever grow and summarise headers that acknowledgement deletes (they are
+//! raised before the headers go), so recovery takes the maximum of each meta key
+//! and what the remaining headers show. [`SledLog::flush`] flushes the whole
 //! database (sled's flush covers every tree); capture acknowledges the hub only
 //! after it returns. sled recovers a prefix of its write log, so a header that
 //! survived a crash has its chunks.
@@ -393,12 +394,11 @@ impl QueueWriter for SledLog {
             data_id: t.data_id,
             chunks: t.chunks,
         };
-        // The header is the commit point; the meta keys only summarise it.
+        // The header is the commit point. The meta keys summarise headers only once
+        // they are deleted (see ack); until then recovery reads the headers.
         self.txns
             .insert(be64(seq), record::encode(&stored)?)
             .map_err(|e| self.storage(e))?;
-        self.raise_meta(META_LAST_END, header.end_lsn.0)?;
-        self.raise_meta(META_NEXT_SEQ, seq + 1)?;
         self.next_seq += 1;
         self.last_end = Some(header.end_lsn);
         Ok(seq)
@@ -463,13 +463,21 @@ impl QueueReader for SledLog {
     }
 
     fn ack(&self, upto: u64) -> Result<(), QueueError> {
-        // `acked` first: a reader never goes back before it, whatever is left below.
-        self.raise_meta(META_ACKED, upto)?;
         let mut doomed = Vec::new();
+        let mut last_end = 0;
         for kv in self.txns.range(..=be64(upto)) {
             let (k, v) = kv.map_err(|e| self.storage(e))?;
-            doomed.push((k, record::decode::<StoredHeader>(&v)?.data_id));
+            let h = record::decode::<StoredHeader>(&v)?;
+            last_end = last_end.max(h.header.end_lsn.0);
+            doomed.push((k, h.data_id));
         }
+        // What recovery would read from the headers goes to the meta keys before the
+        // headers go; `acked` first: a reader never goes back before it.
+        if last_end > 0 {
+            self.raise_meta(META_LAST_END, last_end)?;
+        }
+        self.raise_meta(META_NEXT_SEQ, upto + 1)?;
+        self.raise_meta(META_ACKED, upto)?;
         for (k, data_id) in doomed {
             // Header before chunks: no header ever points at missing chunks.
             self.txns.remove(k).map_err(|e| self.storage(e))?;
@@ -491,6 +499,7 @@ impl QueueReader for SledLog {
             let (seq, h) = h?;
             d.transactions += 1;
             d.bytes += h.header.bytes;
+            d.last_end_lsn = d.last_end_lsn.max(Some(h.header.end_lsn));
             d.first_seq.get_or_insert(seq);
             d.last_seq = Some(seq);
         }
