@@ -1262,6 +1262,46 @@ fn queue_survives_kill9_during_snapshot_write() {
     stop_run(&mut run);
 }
 
+/// Sets up `items` on both sides, runs `hub_sql` on the hub while capture alone
+/// stores it, then `apply --until-empty` over the whole queued transaction.
+/// Returns the databases and the status file that apply wrote.
+fn queue_then_apply(
+    prefix: &str,
+    hub_rows: &str,
+    member_rows: &str,
+    hub_sql: &str,
+) -> (String, String, Value) {
+    let hub = hub();
+    let member = member();
+    let hdb = hub.create_db(prefix);
+    let mdb = member.create_db(prefix);
+    let ddl = "CREATE TABLE items (id int PRIMARY KEY, qty int)";
+    hub.psql(&hdb, ddl);
+    member.psql(&mdb, ddl);
+    hub.psql(&hdb, hub_rows);
+    member.psql(&mdb, member_rows);
+    let pipe = Pipeline::new(prefix, &hub.url(&hdb), &member.url(&mdb), "");
+    let _slot = drop_slot_later(hub, &pipe);
+    // Capture alone first, so that apply later finds the whole transaction queued.
+    let mut capture = start(hub, &pipe, "capture");
+    hub.psql(&hdb, hub_sql);
+    let target = hub.current_wal_lsn();
+    hub.wait_slot_confirmed(&pipe.slot(), target, MINUTE);
+    let st = capture.sigint_and_wait();
+    assert!(st.success(), "capture did not stop cleanly: {st}");
+    let out = pipe.run(&["apply", "--until-empty"]);
+    assert!(
+        out.status.success(),
+        "apply failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let status: Value = serde_json::from_slice(
+        &std::fs::read(format!("{}.status.json", pipe.queue_path().display())).unwrap(),
+    )
+    .unwrap();
+    (hdb, mdb, status)
+}
+
 /// A fast-path conflict must be decided before anything commits: one hub
 /// transaction updates a row the member lacks (the fast path's plain UPDATE finds
 /// nothing), deletes a row and inserts a new one. The group is replayed with
@@ -1271,37 +1311,15 @@ fn queue_survives_kill9_during_snapshot_write() {
 #[test]
 fn fast_path_conflict_is_replayed_before_commit() {
     let _timed = Timed::start("fast_path_conflict_is_replayed_before_commit");
-    let hub = hub();
-    let member = member();
-    let hdb = hub.create_db("apply_fastpath");
-    let mdb = member.create_db("apply_fastpath");
-    let ddl = "CREATE TABLE items (id int PRIMARY KEY, qty int)";
-    hub.psql(&hdb, ddl);
-    member.psql(&mdb, ddl);
-    hub.psql(&hdb, "INSERT INTO items VALUES (2, 2), (10, 10), (11, 11)");
-    member.psql(&mdb, "INSERT INTO items VALUES (10, 10), (11, 11)");
-    let pipe = Pipeline::new("apply_fastpath", &hub.url(&hdb), &member.url(&mdb), "");
-    let _slot = drop_slot_later(hub, &pipe);
-    // Capture alone first, so that apply later finds the whole transaction queued.
-    let mut capture = start(hub, &pipe, "capture");
-    hub.psql(
-        &hdb,
+    let (_, mdb, status) = queue_then_apply(
+        "apply_fastpath",
+        "INSERT INTO items VALUES (2, 2), (10, 10), (11, 11)",
+        "INSERT INTO items VALUES (10, 10), (11, 11)",
         "BEGIN; UPDATE items SET qty = 22 WHERE id = 2; DELETE FROM items WHERE id = 10; \
          INSERT INTO items VALUES (12, 12); COMMIT;",
     );
-    let target = hub.current_wal_lsn();
-    hub.wait_slot_confirmed(&pipe.slot(), target, MINUTE);
-    let st = capture.sigint_and_wait();
-    assert!(st.success(), "capture did not stop cleanly: {st}");
-
-    let out = pipe.run(&["apply", "--until-empty"]);
-    assert!(
-        out.status.success(),
-        "apply failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
     assert_eq!(
-        member
+        member()
             .psql(
                 &mdb,
                 "SELECT string_agg(id || ':' || qty, ',' ORDER BY id) FROM items"
@@ -1309,16 +1327,10 @@ fn fast_path_conflict_is_replayed_before_commit() {
             .trim(),
         "2:22,11:11,12:12"
     );
-    let status: Value = serde_json::from_slice(
-        &std::fs::read(format!("{}.status.json", pipe.queue_path().display())).unwrap(),
-    )
-    .unwrap();
-    let conflicts = &status["apply"]["conflicts"];
     assert_eq!(
-        conflicts,
+        &status["apply"]["conflicts"],
         &serde_json::json!({"update_missing": 1}),
-        "exactly the one real conflict; status: {status}\napply log:\n{}",
-        String::from_utf8_lossy(&out.stderr)
+        "exactly the one real conflict; status: {status}"
     );
 }
 
@@ -1329,44 +1341,16 @@ fn fast_path_conflict_is_replayed_before_commit() {
 #[test]
 fn fast_path_conflict_with_round_trips_in_flight() {
     let _timed = Timed::start("fast_path_conflict_with_round_trips_in_flight");
-    let hub = hub();
-    let member = member();
-    let hdb = hub.create_db("apply_inflight");
-    let mdb = member.create_db("apply_inflight");
-    let ddl = "CREATE TABLE items (id int PRIMARY KEY, qty int)";
-    hub.psql(&hdb, ddl);
-    member.psql(&mdb, ddl);
-    hub.psql(
-        &hdb,
+    let (hdb, mdb, status) = queue_then_apply(
+        "apply_inflight",
         "INSERT INTO items SELECT i, i FROM generate_series(1, 1500) i",
-    );
-    member.psql(
-        &mdb,
         "INSERT INTO items SELECT i, i FROM generate_series(2, 1500) i",
-    );
-    let pipe = Pipeline::new("apply_inflight", &hub.url(&hdb), &member.url(&mdb), "");
-    let _slot = drop_slot_later(hub, &pipe);
-    let mut capture = start(hub, &pipe, "capture");
-    hub.psql(&hdb, "UPDATE items SET qty = qty + 1");
-    let target = hub.current_wal_lsn();
-    hub.wait_slot_confirmed(&pipe.slot(), target, MINUTE);
-    let st = capture.sigint_and_wait();
-    assert!(st.success(), "capture did not stop cleanly: {st}");
-
-    let out = pipe.run(&["apply", "--until-empty"]);
-    assert!(
-        out.status.success(),
-        "apply failed: {}",
-        String::from_utf8_lossy(&out.stderr)
+        "UPDATE items SET qty = qty + 1",
     );
     assert_eq!(
-        fingerprint(member, &mdb, "items", "id"),
-        fingerprint(hub, &hdb, "items", "id")
+        fingerprint(member(), &mdb, "items", "id"),
+        fingerprint(hub(), &hdb, "items", "id")
     );
-    let status: Value = serde_json::from_slice(
-        &std::fs::read(format!("{}.status.json", pipe.queue_path().display())).unwrap(),
-    )
-    .unwrap();
     assert_eq!(
         &status["apply"]["conflicts"],
         &serde_json::json!({"update_missing": 1}),
