@@ -60,19 +60,10 @@ pub enum ApplyError {
     Replay,
 }
 
+/// No SQLSTATE means the connection broke: transient.
 fn sqlstate_transient(e: &tokio_postgres::Error) -> bool {
-    match e.code() {
-        None => true,
-        Some(c) => {
-            let c = c.code();
-            c.starts_with("08")
-                || c.starts_with("53")
-                || c.starts_with("57")
-                || c == "40001"
-                || c == "40P01"
-                || c == "55006"
-        }
-    }
+    e.code()
+        .is_none_or(|c| switchback_pg::error::transient_sqlstate(c.code()))
 }
 
 /// Error text without DETAIL, which can hold row values.

@@ -87,11 +87,6 @@ impl Expect {
             Expect::MustMatch | Expect::MustMatchN(_) => None,
         }
     }
-
-    /// Whether the statement returns a boolean row.
-    pub fn returns_row(self) -> bool {
-        matches!(self, Expect::UpsertInsert | Expect::UpsertUpdate)
-    }
 }
 
 /// Where a parameter's value comes from.

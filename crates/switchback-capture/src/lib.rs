@@ -53,8 +53,6 @@ impl Classify for CaptureError {
 pub struct CaptureProgress {
     /// Last position acknowledged to the hub's slot.
     pub acked: Lsn,
-    /// Seq of the last transaction committed to the queue.
-    pub last_seq: u64,
     /// Whether the replication stream is connected.
     pub connected: bool,
 }

@@ -57,7 +57,7 @@ pub enum PgError {
 }
 
 /// SQLSTATE classes that mean "try again later".
-fn transient_sqlstate(code: &str) -> bool {
+pub fn transient_sqlstate(code: &str) -> bool {
     code.starts_with("08") // connection exception
         || code.starts_with("53") // insufficient resources
         || code.starts_with("57") // operator intervention: admin shutdown, crash shutdown, cannot connect now

@@ -10,7 +10,7 @@
 //! values are parsed identically by any member.
 
 use std::collections::HashMap;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use postgres_protocol::authentication::sasl::{ChannelBinding, ScramSha256};
@@ -601,9 +601,4 @@ impl FrameReader {
             }
         }
     }
-}
-
-/// Time since `t`, for status cadence.
-pub fn elapsed(t: Instant) -> Duration {
-    t.elapsed()
 }
