@@ -418,15 +418,15 @@ impl Applier {
         Ok(())
     }
 
-    async fn target(&mut self, rel: Relation) -> Result<Arc<Target>, ApplyError> {
+    async fn target(&mut self, rel: Arc<Relation>) -> Result<Arc<Target>, ApplyError> {
         if let Some(t) = self.targets.get(&rel.oid) {
-            if *t.hub == rel {
+            if Arc::ptr_eq(&t.hub, &rel) || *t.hub == *rel {
                 return Ok(t.clone());
             }
             tracing::info!(table = %rel.display_name(), "table definition changed on the hub");
         }
         let oid = rel.oid;
-        let t = Arc::new(target::resolve(&self.catalog, Arc::new(rel)).await?);
+        let t = Arc::new(target::resolve(&self.catalog, rel).await?);
         self.statements.retain(|k, _| k.rel != oid);
         self.targets.insert(oid, t.clone());
         Ok(t)

@@ -9,6 +9,7 @@
 //! in it, it holds the relation's definition (and the user types it uses).
 
 use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
 
 use switchback_core::{
     Change, Column, Lsn, OldRow, OldRowKind, Record, Relation, ReplicaIdentity, TxnHeader,
@@ -61,7 +62,7 @@ impl Txn {
 
 /// The per-session assembly state.
 pub struct Assembler {
-    relations: HashMap<u32, Relation>,
+    relations: HashMap<u32, Arc<Relation>>,
     types: HashMap<u32, TypeInfo>,
     current: Option<Txn>,
     streams: HashMap<u32, Txn>,
@@ -352,7 +353,7 @@ impl Assembler {
                 };
                 // A changed definition (ALTER TABLE) must be re-sent inside every
                 // open transaction that uses the relation after this point.
-                if self.relations.get(&oid) != Some(&rel) {
+                if self.relations.get(&oid).map(|r| &**r) != Some(&rel) {
                     if let Some(t) = self.current.as_mut() {
                         t.rels.remove(&oid);
                     }
@@ -360,7 +361,7 @@ impl Assembler {
                         t.rels.remove(&oid);
                     }
                 }
-                self.relations.insert(oid, rel);
+                self.relations.insert(oid, Arc::new(rel));
             }
             Message::Type {
                 oid,

@@ -171,7 +171,7 @@ pub struct TypeInfo {
 /// One element of a stored transaction.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Record {
-    Relation(Relation),
+    Relation(Arc<Relation>),
     Type(TypeInfo),
     Change(Change),
 }
@@ -188,9 +188,9 @@ impl RelationSet {
     }
 
     /// Remembers a relation; returns the previous definition if it differed.
-    pub fn insert(&mut self, rel: Relation) -> Option<Arc<Relation>> {
-        let oid = rel.oid;
-        let new = Arc::new(rel);
+    pub fn insert(&mut self, rel: impl Into<Arc<Relation>>) -> Option<Arc<Relation>> {
+        let new: Arc<Relation> = rel.into();
+        let oid = new.oid;
         match self.rels.insert(oid, new.clone()) {
             Some(old) if *old != *new => Some(old),
             _ => None,

@@ -8,7 +8,7 @@
 use serde::{de::DeserializeOwned, Serialize};
 
 /// Version of the stored record format. Bump on any change to the serialized types.
-pub const FORMAT_VERSION: u8 = 1;
+pub const FORMAT_VERSION: u8 = 2;
 
 #[derive(Debug, thiserror::Error)]
 pub enum FormatError {
@@ -33,6 +33,43 @@ pub fn encode<T: Serialize>(value: &T) -> Result<Vec<u8>, FormatError> {
         .map_err(|e| FormatError::Encode(e.to_string()))?;
     out.extend_from_slice(&body);
     Ok(out)
+}
+
+/// Appends the encoding of one element of a sequence to `out` (no version byte).
+/// [`encode_seq`] assembles such parts into what [`encode`] gives for the whole
+/// `Vec`, so a writer can drop elements without encoding again.
+pub fn encode_element<T: Serialize>(value: &T, out: &mut Vec<u8>) -> Result<(), FormatError> {
+    bincode::serde::encode_into_std_write(value, out, config())
+        .map(|_| ())
+        .map_err(|e| FormatError::Encode(e.to_string()))
+}
+
+/// The envelope of a sequence of `count` elements encoded by [`encode_element`];
+/// equal to [`encode`] of the `Vec` of those elements.
+pub fn encode_seq<'a>(
+    count: usize,
+    parts: impl IntoIterator<Item = &'a [u8]>,
+) -> Result<Vec<u8>, FormatError> {
+    let mut out = vec![FORMAT_VERSION];
+    // bincode writes a sequence's length as a u64 (varint in the standard config).
+    encode_element(&(count as u64), &mut out)?;
+    for p in parts {
+        out.extend_from_slice(p);
+    }
+    Ok(out)
+}
+
+/// Decodes one element encoded by [`encode_element`].
+pub fn decode_element<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, FormatError> {
+    let (value, used) = bincode::serde::decode_from_slice(bytes, config())
+        .map_err(|e| FormatError::Decode(e.to_string()))?;
+    if used != bytes.len() {
+        return Err(FormatError::Decode(format!(
+            "{} trailing bytes",
+            bytes.len() - used
+        )));
+    }
+    Ok(value)
 }
 
 /// Decodes a value written by [`encode`].
@@ -85,5 +122,28 @@ mod tests {
             decode::<Vec<Record>>(&encode(&recs).unwrap()).unwrap(),
             recs
         );
+    }
+
+    #[test]
+    fn sequence_from_parts_equals_whole_encoding() {
+        for n in [0usize, 1, 2, 250, 251, 300, 70_000] {
+            let recs: Vec<Record> = (0..n)
+                .map(|i| {
+                    Record::Change(Change::Insert {
+                        rel: i as u32,
+                        new: vec![Value::Text(format!("{i}").into_bytes())],
+                    })
+                })
+                .collect();
+            let mut parts = Vec::new();
+            for r in &recs {
+                let mut p = Vec::new();
+                encode_element(r, &mut p).unwrap();
+                assert_eq!(decode_element::<Record>(&p).unwrap(), *r);
+                parts.push(p);
+            }
+            let whole = encode_seq(n, parts.iter().map(Vec::as_slice)).unwrap();
+            assert_eq!(whole, encode(&recs).unwrap(), "{n} elements");
+        }
     }
 }

@@ -5,33 +5,45 @@
 //!
 //! Two sled trees in one database directory:
 //!
+//! * `txns`: key `seq (u64 BE)` → `header length (u32 BE) ++ envelope of`
+//!   [`StoredHeader`] `++ inline chunk`. A transaction whose records fit in one
+//!   chunk (most OLTP transactions) is stored *inline*: its only chunk (a record
+//!   envelope of `Vec<Record>`) follows the header in the same value, so it costs
+//!   one sled write. Meta keys live in the same tree behind the prefix `FF×8` (they
+//!   sort after every seq): `last_end_lsn`, `acked`, `next_seq`.
 //! * `data`: key `data_id (u64 BE) ++ chunk (u32 BE)` → `subxid (u32 BE) ++ record
-//!   envelope of Vec<Record>`. Chunks of in-progress transactions are written as they
-//!   arrive (bounded memory); a `data_id` is only reachable from a header once the
-//!   transaction commits.
-//! * `txns`: key `seq (u64 BE)` → envelope of [`StoredHeader`] (the transaction header,
-//!   its `data_id` and chunk count). Meta keys live in the same tree behind the prefix
-//!   `FF×8` (they sort after every seq): `last_end_lsn`, `acked`, `next_seq`.
+//!   envelope of Vec<Record>`, for transactions of more than one chunk. The writer
+//!   keeps a transaction's first chunk in memory; from the second chunk on, chunks
+//!   are written as they arrive (memory stays bounded: one chunk per open
+//!   transaction). A `data_id` is only reachable from a header once the transaction
+//!   commits.
 //!
 //! # Durability point
 //!
-//! A commit is one single-key write: the header, after its chunks. The meta keys
-//! only ever grow and summarise headers that acknowledgement deletes (they are
-//! raised before the headers go), so recovery takes the maximum of each meta key
-//! and what the remaining headers show. [`SledLog::flush`] flushes the whole
-//! database (sled's flush covers every tree); capture acknowledges the hub only
-//! after it returns. sled recovers a prefix of its write log, so a header that
+//! A commit is one single-key write: the header (with its inline chunk, or after its
+//! chunks). The meta keys only ever grow and summarise headers that retention
+//! deletes (they are raised before the headers go), so recovery takes the maximum
+//! of each meta key and what the remaining headers show. [`SledLog::flush`] flushes
+//! the whole database (sled's flush covers every tree); capture acknowledges the hub
+//! only after it returns. sled recovers a prefix of its write log, so a header that
 //! survived a crash has its chunks.
 //!
 //! No multi-key `apply_batch` is used anywhere: in sled 0.34 it takes a global write
 //! lock and can deadlock against the background flusher when a node split needs a
 //! new segment (seen here under `switchback run`). Every step is a single-key write
 //! ordered so that a crash between two steps leaves a state recovery understands.
+//! Hot paths use point reads (`get`), not range scans: a sled iterator copies the
+//! leaf node it starts in.
 //!
 //! # Retention
 //!
-//! [`QueueReader::ack`] records `acked`, then deletes headers up to it, each before
-//! its chunks (a crash in between leaves orphaned chunks, which recovery deletes).
+//! [`QueueReader::ack`] records `acked` (one write); readers never look at or
+//! below it again. Deleting the acknowledged transactions is deferred so that a
+//! catch-up spends its time applying: they are deleted when the reader has caught
+//! up with the writer, when [`RETAIN_TXNS`] of them have piled up, or
+//! [`RETAIN_FOR`] after the last deletion, whichever comes first. Each header is
+//! deleted before its chunks (a crash in between leaves orphaned chunks, which
+//! recovery deletes).
 //!
 //! # Recovery
 //!
@@ -39,12 +51,15 @@
 //! transaction that was in progress at a crash: they are deleted. `next_seq` and the
 //! next `data_id` continue after everything found.
 
-use std::collections::HashSet;
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 use switchback_core::record;
-use switchback_core::{Lsn, Record, TxnHeader};
+use switchback_core::{Change, Lsn, Record, Relation, TxnHeader};
 
 use crate::{Depth, OpenId, QueueError, QueueReader, QueueWriter, QueuedTxn};
 
@@ -53,21 +68,117 @@ const META_LAST_END: &[u8] = b"\xff\xff\xff\xff\xff\xff\xff\xfflast_end_lsn";
 const META_ACKED: &[u8] = b"\xff\xff\xff\xff\xff\xff\xff\xffacked";
 const META_NEXT_SEQ: &[u8] = b"\xff\xff\xff\xff\xff\xff\xff\xffnext_seq";
 
-/// A committed transaction's entry in the `txns` tree.
+/// Acknowledged transactions kept at most before they are deleted.
+pub const RETAIN_TXNS: u64 = 50_000;
+/// Acknowledged transactions are deleted at least this often.
+pub const RETAIN_FOR: Duration = Duration::from_secs(10);
+
+/// A committed transaction's entry in the `txns` tree (without its inline chunk).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct StoredHeader {
     pub header: TxnHeader,
     pub data_id: u64,
+    /// Chunks stored in the `data` tree (0 when the transaction is inline or empty).
     pub chunks: u32,
+    /// Chunk numbers used are below this (sub-transaction aborts leave holes).
+    pub chunk_end: u32,
+    /// The inline chunk left out Relation records equal to the relation's latest
+    /// stored version (the `rels` tree); readers put them back.
+    pub relations_elided: bool,
+}
+
+/// Encodes a `txns` value: header length, header envelope, inline chunk.
+fn encode_entry(h: &StoredHeader, inline: Option<&[u8]>) -> Result<Vec<u8>, QueueError> {
+    let head = record::encode(h)?;
+    let mut v = Vec::with_capacity(4 + head.len() + inline.map_or(0, <[u8]>::len));
+    v.extend_from_slice(&(head.len() as u32).to_be_bytes());
+    v.extend_from_slice(&head);
+    if let Some(i) = inline {
+        v.extend_from_slice(i);
+    }
+    Ok(v)
+}
+
+/// Splits a `txns` value into its header and inline chunk (possibly empty).
+fn decode_entry(v: &[u8]) -> Result<(StoredHeader, &[u8]), QueueError> {
+    let corrupt = || QueueError::Corrupt("transaction entry shorter than its header".into());
+    let len: [u8; 4] = v.get(..4).ok_or_else(corrupt)?.try_into().expect("4 bytes");
+    let end = 4 + u32::from_be_bytes(len) as usize;
+    let head = v.get(4..end).ok_or_else(corrupt)?;
+    Ok((record::decode(head)?, &v[end..]))
+}
+
+/// A chunk written to the `data` tree for an open transaction.
+struct WrittenChunk {
+    chunk: u32,
+    subxid: u32,
+    records: u64,
+    bytes: u64,
+}
+
+/// A transaction's first chunk, kept in memory: its records encoded one by one,
+/// so that commit can leave out Relation records without encoding again.
+struct FirstChunk {
+    subxid: u32,
+    body: Vec<u8>,
+    count: usize,
+    /// Byte ranges of the Relation records in `body`, with their OIDs.
+    relations: Vec<(u32, std::ops::Range<usize>)>,
+}
+
+impl FirstChunk {
+    fn envelope(&self, skip: &[usize]) -> Result<Vec<u8>, QueueError> {
+        let mut parts = Vec::with_capacity(self.relations.len() * 2 + 1);
+        let mut at = 0;
+        for &i in skip {
+            let r = &self.relations[i].1;
+            parts.push(&self.body[at..r.start]);
+            at = r.end;
+        }
+        parts.push(&self.body[at..]);
+        Ok(record::encode_seq(self.count - skip.len(), parts)?)
+    }
 }
 
 struct OpenTxn {
     data_id: u64,
     next_chunk: u32,
-    /// Chunks, records and bytes stored (after sub-transaction aborts).
-    chunks: u32,
-    records: u64,
-    bytes: u64,
+    first: Option<FirstChunk>,
+    written: Vec<WrittenChunk>,
+    /// The last Relation record per OID in chunks already written (encoded).
+    written_relations: HashMap<u32, Vec<u8>>,
+}
+
+impl OpenTxn {
+    fn records(&self) -> u64 {
+        self.first.as_ref().map_or(0, |f| f.count as u64)
+            + self.written.iter().map(|c| c.records).sum::<u64>()
+    }
+    fn bytes(&self) -> u64 {
+        self.first.as_ref().map_or(0, |f| f.body.len() as u64 + 1)
+            + self.written.iter().map(|c| c.bytes).sum::<u64>()
+    }
+}
+
+/// The stored versions of each relation: by OID, the seq of the transaction that
+/// introduced each version.
+type RelationVersions = HashMap<u32, BTreeMap<u64, Arc<Relation>>>;
+
+fn rel_key(oid: u32, seq: u64) -> [u8; 12] {
+    let mut k = [0u8; 12];
+    k[..4].copy_from_slice(&oid.to_be_bytes());
+    k[4..].copy_from_slice(&seq.to_be_bytes());
+    k
+}
+
+/// State shared by the handles of one process.
+struct Shared {
+    /// Highest seq committed by this process's writer (or found at open).
+    committed: AtomicU64,
+    /// Every transaction at or below this seq has been deleted.
+    deleted_upto: AtomicU64,
+    last_deletion: Mutex<Instant>,
+    relations: Mutex<RelationVersions>,
 }
 
 /// The sled log. Clone it to share between a writer task and a reader task of one
@@ -76,8 +187,12 @@ pub struct SledLog {
     db: sled::Db,
     data: sled::Tree,
     txns: sled::Tree,
+    rels: sled::Tree,
     path: PathBuf,
+    shared: Arc<Shared>,
     // writer state
+    /// The latest stored version of each relation, as an encoded Record.
+    latest_relations: HashMap<u32, Vec<u8>>,
     next_seq: u64,
     next_data_id: u64,
     open: std::collections::HashMap<OpenId, OpenTxn>,
@@ -91,7 +206,10 @@ impl Clone for SledLog {
             db: self.db.clone(),
             data: self.data.clone(),
             txns: self.txns.clone(),
+            rels: self.rels.clone(),
             path: self.path.clone(),
+            shared: self.shared.clone(),
+            latest_relations: Default::default(),
             next_seq: self.next_seq,
             next_data_id: self.next_data_id,
             open: Default::default(),
@@ -170,11 +288,20 @@ impl SledLog {
         };
         let data = db.open_tree("data").map_err(storage)?;
         let txns = db.open_tree("txns").map_err(storage)?;
+        let rels = db.open_tree("rels").map_err(storage)?;
         let mut log = SledLog {
             db,
             data,
             txns,
+            rels,
             path: path.to_path_buf(),
+            shared: Arc::new(Shared {
+                committed: AtomicU64::new(0),
+                deleted_upto: AtomicU64::new(0),
+                last_deletion: Mutex::new(Instant::now()),
+                relations: Mutex::new(HashMap::new()),
+            }),
+            latest_relations: HashMap::new(),
             next_seq: 1,
             next_data_id: 1,
             open: Default::default(),
@@ -198,24 +325,31 @@ impl SledLog {
         }
     }
 
-    fn headers(&self) -> impl Iterator<Item = Result<(u64, StoredHeader), QueueError>> + '_ {
-        self.txns.range(..META_PREFIX).map(move |kv| {
+    /// Headers with seq at or above `from`, in order.
+    fn headers_from(
+        &self,
+        from: u64,
+    ) -> impl Iterator<Item = Result<(u64, StoredHeader), QueueError>> + '_ {
+        self.txns.range(be64(from)..META_PREFIX).map(move |kv| {
             let (k, v) = kv.map_err(|e| self.storage(e))?;
-            Ok((read_u64(&k)?, record::decode::<StoredHeader>(&v)?))
+            Ok((read_u64(&k)?, decode_entry(&v)?.0))
         })
     }
 
     fn recover(&mut self) -> Result<(), QueueError> {
         self.last_end = self.meta_u64(META_LAST_END)?.map(Lsn);
+        let acked = self.meta_u64(META_ACKED)?;
         let mut next_seq = self.meta_u64(META_NEXT_SEQ)?.unwrap_or(1);
-        if let Some(acked) = self.meta_u64(META_ACKED)? {
+        if let Some(acked) = acked {
             next_seq = next_seq.max(acked + 1);
         }
         let mut referenced = HashSet::new();
         let mut max_data = 0;
         let mut last_end = self.last_end;
-        for h in self.headers() {
+        let mut first_seq = None;
+        for h in self.headers_from(0) {
             let (seq, h) = h?;
+            first_seq.get_or_insert(seq);
             next_seq = next_seq.max(seq + 1);
             last_end = last_end.max(Some(h.header.end_lsn));
             referenced.insert(h.data_id);
@@ -253,12 +387,44 @@ impl SledLog {
         }
         self.next_seq = next_seq;
         self.next_data_id = max_data + 1;
+        let deleted = match (first_seq, acked) {
+            (Some(f), _) => f - 1,
+            (None, Some(a)) => a,
+            (None, None) => 0,
+        };
+        // Relation versions: those of a transaction whose header did not survive go.
+        let mut versions = RelationVersions::new();
+        for kv in self.rels.iter() {
+            let (k, v) = kv.map_err(|e| self.storage(e))?;
+            if k.len() != 12 {
+                return Err(QueueError::Corrupt(
+                    "relation version key of bad length".into(),
+                ));
+            }
+            let oid = u32::from_be_bytes(k[..4].try_into().expect("4 bytes"));
+            let seq = read_u64(&k[4..])?;
+            if seq >= next_seq {
+                self.rels.remove(k).map_err(|e| self.storage(e))?;
+                continue;
+            }
+            let Record::Relation(rel) = record::decode_element::<Record>(&v)? else {
+                return Err(QueueError::Corrupt(format!(
+                    "relation version {oid}/{seq} is not a Relation record"
+                )));
+            };
+            versions.entry(oid).or_default().insert(seq, rel);
+            self.latest_relations.insert(oid, v.to_vec());
+        }
+        *self.shared.relations.lock().expect("not poisoned") = versions;
+        self.shared.committed.store(next_seq - 1, Ordering::SeqCst);
+        self.shared.deleted_upto.store(deleted, Ordering::SeqCst);
         Ok(())
     }
 
-    /// Every header, for `queue dump` and tests.
+    /// Every transaction not acknowledged yet, for `queue dump` and tests.
     pub fn all(&self) -> Result<Vec<QueuedTxn>, QueueError> {
-        self.headers()
+        let from = self.acked()?.map_or(0, |a| a + 1);
+        self.headers_from(from)
             .map(|r| {
                 r.map(|(seq, h)| QueuedTxn {
                     seq,
@@ -266,17 +432,6 @@ impl SledLog {
                 })
             })
             .collect()
-    }
-
-    fn stored_header(&self, seq: u64) -> Result<StoredHeader, QueueError> {
-        let v = self
-            .txns
-            .get(be64(seq))
-            .map_err(|e| self.storage(e))?
-            .ok_or_else(|| {
-                QueueError::Corrupt(format!("transaction seq {seq} is not in the queue"))
-            })?;
-        Ok(record::decode(&v)?)
     }
 
     pub fn path(&self) -> &Path {
@@ -305,6 +460,89 @@ impl SledLog {
             .map_err(|e| self.storage(e))?;
         Ok(())
     }
+
+    /// Deletes the acknowledged transactions `from..=upto`.
+    fn delete_acked(&self, from: u64, upto: u64) -> Result<(), QueueError> {
+        let mut doomed = Vec::new();
+        let mut last_end = 0;
+        for h in self.headers_from(from) {
+            let (seq, h) = h?;
+            if seq > upto {
+                break;
+            }
+            last_end = last_end.max(h.header.end_lsn.0);
+            doomed.push((seq, h.data_id, h.chunk_end));
+        }
+        // What recovery would read from the headers goes to the meta keys first.
+        if last_end > 0 {
+            self.raise_meta(META_LAST_END, last_end)?;
+        }
+        for (seq, data_id, chunk_end) in doomed {
+            // Header before chunks: no header ever points at missing chunks.
+            self.txns.remove(be64(seq)).map_err(|e| self.storage(e))?;
+            for c in 0..chunk_end {
+                self.data
+                    .remove(chunk_key(data_id, c))
+                    .map_err(|e| self.storage(e))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Puts back the Relation records an inline transaction left out: before the
+    /// first change of each relation that has none, its version as of `seq`.
+    fn restore_relations(&self, seq: u64, records: Vec<Record>) -> Result<Vec<Record>, QueueError> {
+        let versions = self.shared.relations.lock().expect("not poisoned");
+        let mut known: Vec<u32> = Vec::new();
+        let mut out = Vec::with_capacity(records.len() + 2);
+        for r in records {
+            let oids: &[u32] = match &r {
+                Record::Relation(rel) => {
+                    known.push(rel.oid);
+                    &[]
+                }
+                Record::Change(Change::Insert { rel, .. })
+                | Record::Change(Change::Update { rel, .. })
+                | Record::Change(Change::Delete { rel, .. }) => std::slice::from_ref(rel),
+                Record::Change(Change::Truncate { rels, .. }) => rels,
+                _ => &[],
+            };
+            for &oid in oids {
+                if known.contains(&oid) {
+                    continue;
+                }
+                let rel = versions
+                    .get(&oid)
+                    .and_then(|v| v.range(..seq).next_back())
+                    .map(|(_, r)| r.clone())
+                    .ok_or_else(|| {
+                        QueueError::Corrupt(format!(
+                            "transaction seq {seq} uses relation {oid}, whose stored definition is missing"
+                        ))
+                    })?;
+                out.push(Record::Relation(rel));
+                known.push(oid);
+            }
+            out.push(r);
+        }
+        Ok(out)
+    }
+
+    fn write_chunk(
+        &self,
+        data_id: u64,
+        chunk: u32,
+        subxid: u32,
+        enc: &[u8],
+    ) -> Result<(), QueueError> {
+        let mut value = Vec::with_capacity(4 + enc.len());
+        value.extend_from_slice(&subxid.to_be_bytes());
+        value.extend_from_slice(enc);
+        self.data
+            .insert(chunk_key(data_id, chunk), value)
+            .map_err(|e| self.storage(e))?;
+        Ok(())
+    }
 }
 
 impl QueueWriter for SledLog {
@@ -316,9 +554,9 @@ impl QueueWriter for SledLog {
             OpenTxn {
                 data_id: id,
                 next_chunk: 0,
-                chunks: 0,
-                records: 0,
-                bytes: 0,
+                first: None,
+                written: Vec::new(),
+                written_relations: HashMap::new(),
             },
         );
         id
@@ -328,52 +566,96 @@ impl QueueWriter for SledLog {
         if records.is_empty() {
             return Ok(());
         }
-        let enc = record::encode(&records)?;
-        let t = self.open.get_mut(&id).ok_or(QueueError::UnknownOpen(id))?;
-        let mut value = Vec::with_capacity(4 + enc.len());
-        value.extend_from_slice(&subxid.to_be_bytes());
-        value.extend_from_slice(&enc);
-        let key = chunk_key(t.data_id, t.next_chunk);
-        t.next_chunk += 1;
-        t.chunks += 1;
-        t.records += records.len() as u64;
-        t.bytes += enc.len() as u64;
-        self.data
-            .insert(key, value)
-            .map_err(|e| QueueError::Storage {
-                path: self.path.display().to_string(),
-                message: e.to_string(),
-            })?;
-        Ok(())
+        let mut t = self.open.remove(&id).ok_or(QueueError::UnknownOpen(id))?;
+        let res = (|| {
+            if t.first.is_none() && t.written.is_empty() {
+                let mut first = FirstChunk {
+                    subxid,
+                    body: Vec::with_capacity(256),
+                    count: records.len(),
+                    relations: Vec::new(),
+                };
+                for r in records {
+                    let start = first.body.len();
+                    record::encode_element(r, &mut first.body)?;
+                    if let Record::Relation(rel) = r {
+                        first.relations.push((rel.oid, start..first.body.len()));
+                    }
+                }
+                t.first = Some(first);
+                return Ok(());
+            }
+            // More than one chunk: everything goes to the data tree, as it is.
+            if let Some(first) = t.first.take() {
+                let enc = first.envelope(&[])?;
+                let chunk = t.next_chunk;
+                t.next_chunk += 1;
+                self.write_chunk(t.data_id, chunk, first.subxid, &enc)?;
+                for (oid, r) in &first.relations {
+                    t.written_relations
+                        .insert(*oid, first.body[r.clone()].to_vec());
+                }
+                t.written.push(WrittenChunk {
+                    chunk,
+                    subxid: first.subxid,
+                    records: first.count as u64,
+                    bytes: enc.len() as u64,
+                });
+            }
+            for r in records {
+                if let Record::Relation(rel) = r {
+                    let mut e = Vec::new();
+                    record::encode_element(r, &mut e)?;
+                    t.written_relations.insert(rel.oid, e);
+                }
+            }
+            let enc = record::encode(&records)?;
+            let chunk = t.next_chunk;
+            t.next_chunk += 1;
+            self.write_chunk(t.data_id, chunk, subxid, &enc)?;
+            t.written.push(WrittenChunk {
+                chunk,
+                subxid,
+                records: records.len() as u64,
+                bytes: enc.len() as u64,
+            });
+            Ok(())
+        })();
+        self.open.insert(id, t);
+        res
     }
 
     fn discard(&mut self, id: OpenId) -> Result<(), QueueError> {
         let t = self.open.remove(&id).ok_or(QueueError::UnknownOpen(id))?;
-        self.remove_prefix(t.data_id)?;
+        for c in &t.written {
+            self.data
+                .remove(chunk_key(t.data_id, c.chunk))
+                .map_err(|e| self.storage(e))?;
+        }
         Ok(())
     }
 
     fn discard_subxact(&mut self, id: OpenId, subxid: u32) -> Result<(), QueueError> {
-        let t = self.open.get_mut(&id).ok_or(QueueError::UnknownOpen(id))?;
-        let prefix = be64(t.data_id);
-        let mut doomed = Vec::new();
-        for kv in self.data.scan_prefix(prefix) {
-            let (k, v) = kv.map_err(|e| QueueError::Storage {
-                path: self.path.display().to_string(),
-                message: e.to_string(),
-            })?;
-            if v.len() >= 4 && v[..4] == subxid.to_be_bytes() {
-                let n = record::decode::<Vec<Record>>(&v[4..])?.len() as u64;
-                t.records = t.records.saturating_sub(n);
-                t.bytes = t.bytes.saturating_sub((v.len() - 4) as u64);
-                t.chunks = t.chunks.saturating_sub(1);
-                doomed.push(k);
+        let mut t = self.open.remove(&id).ok_or(QueueError::UnknownOpen(id))?;
+        if t.first.as_ref().is_some_and(|f| f.subxid == subxid) {
+            t.first = None;
+        }
+        let mut res = Ok(());
+        let data_id = t.data_id;
+        t.written.retain(|c| {
+            if c.subxid != subxid || res.is_err() {
+                return true;
             }
-        }
-        for k in doomed {
-            self.data.remove(k).map_err(|e| self.storage(e))?;
-        }
-        Ok(())
+            match self.data.remove(chunk_key(data_id, c.chunk)) {
+                Ok(_) => false,
+                Err(e) => {
+                    res = Err(e);
+                    true
+                }
+            }
+        });
+        self.open.insert(id, t);
+        res.map_err(|e| self.storage(e))
     }
 
     fn commit(&mut self, id: OpenId, mut header: TxnHeader) -> Result<u64, QueueError> {
@@ -386,21 +668,72 @@ impl QueueWriter for SledLog {
                 )));
             }
         }
-        header.records = t.records;
-        header.bytes = t.bytes;
+        header.records = t.records();
+        header.bytes = t.bytes();
         let seq = self.next_seq;
+        let end_lsn = header.end_lsn;
+        // The relation versions this transaction leaves behind (the last per OID),
+        // and, for an inline transaction, the Relation records it can leave out: the
+        // first one of each OID when it equals the latest stored version.
+        let mut finals: HashMap<u32, &[u8]> = HashMap::new();
+        let mut elide = Vec::new();
+        let inline = match &t.first {
+            Some(f) => {
+                let mut seen = HashSet::new();
+                for (i, (oid, r)) in f.relations.iter().enumerate() {
+                    let bytes = &f.body[r.clone()];
+                    if seen.insert(*oid)
+                        && self.latest_relations.get(oid).map(Vec::as_slice) == Some(bytes)
+                    {
+                        elide.push(i);
+                    }
+                    finals.insert(*oid, bytes);
+                }
+                Some(f.envelope(&elide)?)
+            }
+            None => {
+                for (oid, e) in &t.written_relations {
+                    finals.insert(*oid, e);
+                }
+                None
+            }
+        };
+        // New versions are stored before the header that introduces them.
+        let mut new_versions = Vec::new();
+        for (oid, bytes) in finals {
+            if self.latest_relations.get(&oid).map(Vec::as_slice) != Some(bytes) {
+                self.rels
+                    .insert(rel_key(oid, seq), bytes)
+                    .map_err(|e| self.storage(e))?;
+                new_versions.push((oid, bytes.to_vec()));
+            }
+        }
         let stored = StoredHeader {
-            header: header.clone(),
+            header,
             data_id: t.data_id,
-            chunks: t.chunks,
+            chunks: t.written.len() as u32,
+            chunk_end: t.next_chunk,
+            relations_elided: !elide.is_empty(),
         };
         // The header is the commit point. The meta keys summarise headers only once
-        // they are deleted (see ack); until then recovery reads the headers.
+        // they are deleted (see retention); until then recovery reads the headers.
+        let value = encode_entry(&stored, inline.as_deref())?;
         self.txns
-            .insert(be64(seq), record::encode(&stored)?)
+            .insert(be64(seq), value)
             .map_err(|e| self.storage(e))?;
         self.next_seq += 1;
-        self.last_end = Some(header.end_lsn);
+        self.last_end = Some(end_lsn);
+        if !new_versions.is_empty() {
+            let mut versions = self.shared.relations.lock().expect("not poisoned");
+            for (oid, bytes) in new_versions {
+                let Record::Relation(rel) = record::decode_element::<Record>(&bytes)? else {
+                    unreachable!("only Relation records are collected");
+                };
+                versions.entry(oid).or_default().insert(seq, rel);
+                self.latest_relations.insert(oid, bytes);
+            }
+        }
+        self.shared.committed.store(seq, Ordering::SeqCst);
         Ok(seq)
     }
 
@@ -416,16 +749,21 @@ impl QueueWriter for SledLog {
 
 impl QueueReader for SledLog {
     fn next_from(&self, from: u64) -> Result<Option<QueuedTxn>, QueueError> {
-        match self.txns.range(be64(from)..META_PREFIX).next() {
+        // The next transaction is almost always `from` itself: a point read.
+        if let Some(v) = self.txns.get(be64(from)).map_err(|e| self.storage(e))? {
+            return Ok(Some(QueuedTxn {
+                seq: from,
+                header: decode_entry(&v)?.0.header,
+            }));
+        }
+        match self.headers_from(from).next() {
             None => Ok(None),
-            Some(kv) => {
-                let (k, v) = kv.map_err(|e| self.storage(e))?;
-                let h: StoredHeader = record::decode(&v)?;
-                Ok(Some(QueuedTxn {
-                    seq: read_u64(&k)?,
+            Some(r) => r.map(|(seq, h)| {
+                Some(QueuedTxn {
+                    seq,
                     header: h.header,
-                }))
-            }
+                })
+            }),
         }
     }
 
@@ -434,54 +772,67 @@ impl QueueReader for SledLog {
         txn: &QueuedTxn,
     ) -> Result<Box<dyn Iterator<Item = Result<Vec<Record>, QueueError>> + Send + '_>, QueueError>
     {
-        let h = self.stored_header(txn.seq)?;
-        let expected = h.chunks;
         let seq = txn.seq;
+        let v = self
+            .txns
+            .get(be64(seq))
+            .map_err(|e| self.storage(e))?
+            .ok_or_else(|| {
+                QueueError::Corrupt(format!("transaction seq {seq} is not in the queue"))
+            })?;
+        let (h, inline) = decode_entry(&v)?;
+        if !inline.is_empty() {
+            let mut records = record::decode::<Vec<Record>>(inline)?;
+            if h.relations_elided {
+                records = self.restore_relations(seq, records)?;
+            }
+            return Ok(Box::new(std::iter::once(Ok(records))));
+        }
+        let expected = h.chunks;
         let mut seen = 0u32;
-        let mut iter = self.data.scan_prefix(be64(h.data_id));
-        Ok(Box::new(std::iter::from_fn(move || match iter.next() {
-            Some(Ok((_, v))) => {
-                seen += 1;
-                if v.len() < 4 {
-                    return Some(Err(QueueError::Corrupt(
-                        "chunk shorter than its tag".into(),
-                    )));
+        let mut chunk = 0u32;
+        Ok(Box::new(std::iter::from_fn(move || loop {
+            if chunk >= h.chunk_end {
+                if seen != expected {
+                    let msg = format!("transaction seq {seq} has {seen} of its {expected} chunks");
+                    seen = expected;
+                    return Some(Err(QueueError::Corrupt(msg)));
                 }
-                Some(record::decode::<Vec<Record>>(&v[4..]).map_err(QueueError::from))
+                return None;
             }
-            Some(Err(e)) => Some(Err(QueueError::Storage {
-                path: String::new(),
-                message: e.to_string(),
-            })),
-            None if seen != expected => {
-                let msg = format!("transaction seq {seq} has {seen} of its {expected} chunks");
-                seen = expected;
-                Some(Err(QueueError::Corrupt(msg)))
+            let key = chunk_key(h.data_id, chunk);
+            chunk += 1;
+            match self.data.get(key) {
+                Ok(None) => continue, // a discarded sub-transaction's chunk
+                Ok(Some(v)) => {
+                    seen += 1;
+                    if v.len() < 4 {
+                        return Some(Err(QueueError::Corrupt(
+                            "chunk shorter than its tag".into(),
+                        )));
+                    }
+                    return Some(record::decode::<Vec<Record>>(&v[4..]).map_err(QueueError::from));
+                }
+                Err(e) => return Some(Err(self.storage(e))),
             }
-            None => None,
         })))
     }
 
     fn ack(&self, upto: u64) -> Result<(), QueueError> {
-        let mut doomed = Vec::new();
-        let mut last_end = 0;
-        for kv in self.txns.range(..=be64(upto)) {
-            let (k, v) = kv.map_err(|e| self.storage(e))?;
-            let h = record::decode::<StoredHeader>(&v)?;
-            last_end = last_end.max(h.header.end_lsn.0);
-            doomed.push((k, h.data_id));
-        }
-        // What recovery would read from the headers goes to the meta keys before the
-        // headers go; `acked` first: a reader never goes back before it.
-        if last_end > 0 {
-            self.raise_meta(META_LAST_END, last_end)?;
-        }
+        // `acked` first: a reader never goes back before it. Recovery derives
+        // next_seq from it too.
         self.raise_meta(META_NEXT_SEQ, upto + 1)?;
         self.raise_meta(META_ACKED, upto)?;
-        for (k, data_id) in doomed {
-            // Header before chunks: no header ever points at missing chunks.
-            self.txns.remove(k).map_err(|e| self.storage(e))?;
-            self.remove_prefix(data_id)?;
+        let deleted = self.shared.deleted_upto.load(Ordering::SeqCst);
+        if upto <= deleted {
+            return Ok(());
+        }
+        let caught_up = upto >= self.shared.committed.load(Ordering::SeqCst);
+        let mut last = self.shared.last_deletion.lock().expect("not poisoned");
+        if caught_up || upto - deleted >= RETAIN_TXNS || last.elapsed() >= RETAIN_FOR {
+            self.delete_acked(deleted + 1, upto)?;
+            self.shared.deleted_upto.store(upto, Ordering::SeqCst);
+            *last = Instant::now();
         }
         Ok(())
     }
@@ -495,7 +846,13 @@ impl QueueReader for SledLog {
             last_end_lsn: self.meta_u64(META_LAST_END)?.map(Lsn),
             ..Default::default()
         };
-        for h in self.headers() {
+        // Acknowledged transactions not deleted yet still count for the last end LSN.
+        if let Some(kv) = self.txns.range(..META_PREFIX).next_back() {
+            let (_, v) = kv.map_err(|e| self.storage(e))?;
+            d.last_end_lsn = d.last_end_lsn.max(Some(decode_entry(&v)?.0.header.end_lsn));
+        }
+        let from = self.acked()?.map_or(0, |a| a + 1);
+        for h in self.headers_from(from) {
             let (seq, h) = h?;
             d.transactions += 1;
             d.bytes += h.header.bytes;
