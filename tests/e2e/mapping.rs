@@ -372,6 +372,50 @@ fn drift_add_column_under_each_policy() {
     }
 }
 
+/// add-columns when the drift arrives in a group that already holds a lock on the
+/// table (capture first, then apply the whole queue as one group): apply regroups
+/// instead of waiting for itself; nothing lost.
+#[test]
+fn drift_add_columns_inside_a_group() {
+    let _t = Timed::start("drift_add_columns_inside_a_group");
+    let ddl = "CREATE TABLE t (id int PRIMARY KEY, v text);";
+    let (hdb, mdb) = dbs("map_drift_group", ddl, ddl);
+    let (pipe, _c) = pipeline(
+        "map_drift_group",
+        &hdb,
+        &mdb,
+        "[tables]\ndrift = \"add-columns\"\n",
+    );
+    let mut cap = pipe.start_capture(hub());
+    // More rows than one round trip: the group has written into t (and holds its
+    // lock) before it meets the new column.
+    hub().psql(
+        &hdb,
+        "INSERT INTO t SELECT i, 'v' || i FROM generate_series(1, 1200) i",
+    );
+    hub().psql(&hdb, "ALTER TABLE t ADD COLUMN extra text");
+    hub().psql(&hdb, "INSERT INTO t VALUES (5000, 'after', 'x')");
+    hub().psql(&hdb, "UPDATE t SET extra = 'e' || id WHERE id <= 3");
+    hub().psql(&hdb, "INSERT INTO sb_mark VALUES (1)");
+    let end = hub().current_wal_lsn();
+    hub().wait_slot_confirmed(&pipe.slot(), end, MINUTE);
+    let st = cap.sigint_and_wait();
+    assert!(
+        st.success(),
+        "capture did not stop cleanly:\n{}",
+        cap.log_tail(20)
+    );
+    let out = pipe.run_ok(&["apply", "--until-empty"]);
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        log.contains("applying the group's first transaction alone"),
+        "the regroup path was not taken:\n{log}"
+    );
+    let cols = "SELECT id, v, extra FROM t ORDER BY id";
+    assert_eq!(q(member(), &mdb, cols), q(hub(), &hdb, cols));
+    assert_eq!(q(member(), &mdb, "SELECT count(*) FROM sb_mark"), "1");
+}
+
 // ---------------------------------------------------------------------------
 // 4. Excluded tables untouched; insert-only and row filters.
 // ---------------------------------------------------------------------------
@@ -380,13 +424,22 @@ fn drift_add_column_under_each_policy() {
 fn filters_exclude_insert_only_and_row_filter() {
     let _t = Timed::start("filters_exclude_insert_only_and_row_filter");
     let ddl = "CREATE TABLE audit_log (id int PRIMARY KEY, v text);
-               CREATE TABLE events (id int PRIMARY KEY, v text);
-               CREATE TABLE canary (id int PRIMARY KEY, v text);";
-    let (hdb, mdb) = dbs("map_filters", ddl, ddl);
+               CREATE TABLE events (id int PRIMARY KEY, v text);";
+    // canary goes to another table name on the member, leaves `secret` on the hub
+    // and stamps a member-only NOT NULL column with a constant.
+    let (hdb, mdb) = dbs(
+        "map_filters",
+        &format!("{ddl} CREATE TABLE canary (id int PRIMARY KEY, v text, secret text);"),
+        &format!(
+            "{ddl} CREATE TABLE canary_slice (id int PRIMARY KEY, v text, source text NOT NULL);"
+        ),
+    );
     member().psql(&mdb, "INSERT INTO audit_log VALUES (7, 'member only')");
     let rules = "[tables]\nexclude = [\"public.audit_*\"]\n\
                  [[tables.table]]\nname = \"events\"\noperations = [\"insert\"]\n\
-                 [[tables.table]]\nname = \"canary\"\nrow_filter = \"id in (1, 2, 3) or id between 600 and 10000\"\n";
+                 [[tables.table]]\nname = \"canary\"\ntarget_name = \"canary_slice\"\n\
+                 row_filter = \"id in (1, 2, 3) or id between 600 and 10000\"\nexclude_columns = [\"secret\"]\n\
+                 [tables.table.constants]\nsource = \"hub\"\n";
     let (pipe, _c) = pipeline("map_filters", &hdb, &mdb, rules);
     let (ok, report) = check(&pipe);
     assert!(ok, "{report}");
@@ -411,8 +464,8 @@ fn filters_exclude_insert_only_and_row_filter() {
         "INSERT INTO events VALUES (1, 'one'), (2, 'two'), (3, 'three')",
         "UPDATE events SET v = 'changed' WHERE id = 1",
         "DELETE FROM events WHERE id = 2",
-        "INSERT INTO canary SELECT i, 'v' || i FROM generate_series(1, 5) i",
-        "INSERT INTO canary VALUES (599, 'a'), (600, 'b'), (601, 'c'), (20000, 'd')",
+        "INSERT INTO canary SELECT i, 'v' || i, 'secret' FROM generate_series(1, 5) i",
+        "INSERT INTO canary VALUES (599, 'a', 's'), (600, 'b', 's'), (601, 'c', 's'), (20000, 'd', 's')",
         "UPDATE canary SET v = 'changed' WHERE id IN (1, 4, 601)",
         "DELETE FROM canary WHERE id IN (3, 5)",
     ] {
@@ -429,9 +482,13 @@ fn filters_exclude_insert_only_and_row_filter() {
         "insert-only: updates and deletes must not replicate"
     );
     assert_eq!(
-        q(member(), &mdb, "SELECT id, v FROM canary ORDER BY id"),
-        "1|changed\n2|v2\n600|b\n601|changed",
-        "row filter"
+        q(
+            member(),
+            &mdb,
+            "SELECT id, v, source FROM canary_slice ORDER BY id"
+        ),
+        "1|changed|hub\n2|v2|hub\n600|b|hub\n601|changed|hub",
+        "row filter, target table, constant"
     );
     stop_run(&mut run);
 
@@ -441,7 +498,8 @@ fn filters_exclude_insert_only_and_row_filter() {
         "map_filters_bad",
         &hdb,
         &mdb,
-        "[[tables.table]]\nname = \"canary\"\nrow_filter = \"v <> 'x'\"\n",
+        "[[tables.table]]\nname = \"canary\"\ntarget_name = \"canary_slice\"\nrow_filter = \"v <> 'x'\"\n\
+         exclude_columns = [\"secret\"]\n[tables.table.constants]\nsource = \"hub\"\n",
     );
     let (ok, report) = check(&pipe2);
     assert!(!ok, "{report}");

@@ -509,6 +509,10 @@ impl Applier {
         first: QueuedTxn,
         status: &watch::Sender<ApplyStatus>,
     ) -> Result<u64, ApplyError> {
+        tracing::info!(
+            "a member schema change (drift = add-columns) waits for a lock of this group: \
+             applying the group's first transaction alone"
+        );
         self.abandon().await?;
         let batch = std::mem::replace(&mut self.batch_txns, 1);
         let r = self.apply_group(queue, first, status, true).await;
