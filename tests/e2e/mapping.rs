@@ -142,6 +142,7 @@ fn rename_under_load_and_reverse_mapping() {
         "[[tables.table]]\nschema = \"public\"\nname = \"person\"\n[tables.table.rename]\nlast_name = \"surname\"\n",
     );
     let (ok, report) = check(&pipe);
+    eprintln!("check report:\n{report}");
     assert!(ok, "check found problems:\n{report}");
     assert!(
         report.contains("last_name (text)") && report.contains("-> surname (text)  (renamed)"),
@@ -240,6 +241,7 @@ fn check_reports_every_problem() {
         "[[tables.table]]\nname = \"renamed\"\n[tables.table.rename]\na = \"b\"\n",
     );
     let (ok, report) = check(&pipe);
+    eprintln!("check report:\n{report}");
     assert!(!ok, "check must fail:\n{report}");
     for (what, needle) in [
         ("missing target table", "public.gone: the target table public.gone does not exist on the member"),
@@ -252,6 +254,10 @@ fn check_reports_every_problem() {
         assert!(report.contains(needle), "check does not report the {what}:\n{report}");
     }
     assert!(report.contains("fix: "), "{report}");
+    assert!(
+        report.contains("table public.gone -> public.gone (missing on the member)"),
+        "{report}"
+    );
     // check changes nothing on the hub.
     assert_eq!(
         q(
@@ -265,6 +271,10 @@ fn check_reports_every_problem() {
         "0"
     );
     assert!(hub().slot(&pipe.slot()).is_none(), "check created a slot");
+    // An unreachable member is a problem for check too.
+    let nomember = Pipeline::capture_only("map_check_nomember", hub(), &hdb, "");
+    let (ok, report) = check(&nomember);
+    assert!(!ok && report.contains("member: cannot connect"), "{report}");
     // run runs the same checks at start and refuses.
     let out = pipe.run(&["run"]);
     let err = String::from_utf8_lossy(&out.stderr);

@@ -46,6 +46,12 @@ async fn check_before_start(
     for n in &report.notes {
         tracing::info!(note = %n, "check");
     }
+    if !report.ok() && report.ok_but_unreachable() {
+        for p in &report.problems {
+            tracing::warn!(problem = %p, "cannot check before start; starting anyway (connections are retried)");
+        }
+        return Ok(());
+    }
     anyhow::ensure!(report.ok(), "{}", report.error_text());
     Ok(())
 }

@@ -5,7 +5,7 @@
 use std::fmt::Write;
 
 use switchback_config::{Config, NoKeyPolicy, Operation};
-use switchback_core::{quote_ident, quote_literal};
+use switchback_core::{quote_ident, quote_literal, Classify, ErrorClass};
 use switchback_pg::hub::{self, Session};
 
 use crate::catalog::{self, CatalogTable};
@@ -24,6 +24,8 @@ pub enum Sides {
 #[derive(Debug, Clone)]
 pub struct TableReport {
     pub hub: CatalogTable,
+    /// `(schema, table)` on the member.
+    pub target: (String, String),
     /// Operations that will be published (after the no-key policy).
     pub ops: Vec<Operation>,
     pub row_filter: Option<String>,
@@ -38,11 +40,18 @@ pub struct Report {
     pub problems: Vec<Problem>,
     /// Things worth knowing that are not problems.
     pub notes: Vec<String>,
+    /// The member was reached and its tables checked.
+    pub member_checked: bool,
 }
 
 impl Report {
     pub fn ok(&self) -> bool {
         self.problems.is_empty()
+    }
+
+    /// No problem but unreachable databases (`run` and `capture` start anyway and retry).
+    pub fn ok_but_unreachable(&self) -> bool {
+        self.problems.iter().all(|p| p.transient)
     }
 
     /// The problems as one error message (for `run` and `capture`).
@@ -63,12 +72,16 @@ impl Report {
         let mut s = String::new();
         for t in &self.tables {
             let ops: Vec<&str> = t.ops.iter().map(|o| o.as_str()).collect();
-            let target = t
-                .map
-                .as_ref()
-                .map(|m| format!("{}.{}", m.member.0, m.member.1))
-                .or_else(|| t.member.as_ref().map(CatalogTable::display))
-                .unwrap_or_else(|| "(member not checked)".into());
+            let target = format!(
+                "{}.{}{}",
+                t.target.0,
+                t.target.1,
+                match (self.member_checked, &t.member) {
+                    (false, _) => " (member not checked)",
+                    (true, None) => " (missing on the member)",
+                    (true, Some(_)) => "",
+                }
+            );
             let _ = writeln!(
                 s,
                 "table {} -> {}{}  [{}]{}",
@@ -186,19 +199,10 @@ fn describe(e: &tokio_postgres::Error) -> String {
 /// Checks the pipeline: every problem is collected, none stops the check.
 pub async fn check(cfg: &Config, sides: Sides) -> Report {
     let mut r = Report::default();
-    let hub_session = match cfg.hub_pg() {
-        Ok(c) => hub::connect(&c, "hub").await.map_err(|e| e.to_string()),
-        Err(e) => Err(e.to_string()),
-    };
-    let hub_session = match hub_session {
+    let hub_session = match connect(cfg.hub_pg(), "hub").await {
         Ok(s) => Some(s),
-        Err(e) => {
-            r.problems.push(Problem::new(
-                "hub",
-                None,
-                format!("cannot connect: {e}"),
-                "check [hub] url, the password and that the hub accepts connections".into(),
-            ));
+        Err(p) => {
+            r.problems.push(p);
             None
         }
     };
@@ -206,21 +210,29 @@ pub async fn check(cfg: &Config, sides: Sides) -> Report {
         check_hub(cfg, hub_s, &mut r).await;
     }
     if sides == Sides::Both {
-        let member = match cfg.member_pg() {
-            Ok(c) => hub::connect(&c, "member").await.map_err(|e| e.to_string()),
-            Err(e) => Err(e.to_string()),
-        };
-        match member {
-            Ok(m) => check_member(cfg, &m, &mut r).await,
-            Err(e) => r.problems.push(Problem::new(
-                "member",
-                None,
-                format!("cannot connect: {e}"),
-                "check [member] url, the password and that the member accepts connections".into(),
-            )),
+        match connect(cfg.member_pg(), "member").await {
+            Ok(m) => {
+                r.member_checked = true;
+                check_member(cfg, &m, &mut r).await
+            }
+            Err(p) => r.problems.push(p),
         }
     }
     r
+}
+
+/// A session to one side, or the problem of reaching it.
+async fn connect(
+    pg: Result<tokio_postgres::Config, switchback_config::ConfigError>,
+    side: &'static str,
+) -> Result<Session, Problem> {
+    let fix = format!("check [{side}] url, the password and that the {side} accepts connections");
+    let pg = pg.map_err(|e| Problem::new(side, None, e.to_string(), fix.clone()))?;
+    hub::connect(&pg, side).await.map_err(|e| {
+        let mut p = Problem::new(side, None, format!("cannot connect: {e}"), fix);
+        p.transient = e.class() == ErrorClass::Transient;
+        p
+    })
 }
 
 async fn check_hub(cfg: &Config, hub_s: &Session, r: &mut Report) {
@@ -317,7 +329,9 @@ async fn check_hub(cfg: &Config, hub_s: &Session, r: &mut Report) {
                 r.problems.push(p);
             }
         }
+        let (ts, tn) = rule.target();
         r.tables.push(TableReport {
+            target: (ts.to_string(), tn.to_string()),
             hub: hub_t,
             ops,
             row_filter: rule.row_filter.clone(),

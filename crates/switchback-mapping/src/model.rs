@@ -20,6 +20,9 @@ pub struct Problem {
     pub column: Option<String>,
     pub problem: String,
     pub fix: String,
+    /// A database could not be reached (it may come back): `run` and `capture`
+    /// start anyway and retry; everything else is definite.
+    pub transient: bool,
 }
 
 impl Problem {
@@ -34,6 +37,7 @@ impl Problem {
             column: column.map(str::to_string),
             problem,
             fix,
+            transient: false,
         }
     }
 }
