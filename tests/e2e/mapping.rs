@@ -271,6 +271,30 @@ fn check_reports_every_problem() {
         "0"
     );
     assert!(hub().slot(&pipe.slot()).is_none(), "check created a slot");
+    // Privileges: a member role that may only read, and no replication origins.
+    let role = format!("map_reader_{}", unique());
+    member().psql(
+        &mdb,
+        &format!(
+            "CREATE ROLE {role} LOGIN; GRANT SELECT ON ALL TABLES IN SCHEMA public TO {role};"
+        ),
+    );
+    let reader = Pipeline::new(
+        "map_check_priv",
+        &hub().url(&hdb),
+        &member().url_as(&role, &mdb),
+        "[tables]\ninclude = [\"public.sb_mark\"]\n",
+    );
+    let (ok, report) = check(&reader);
+    assert!(!ok, "{report}");
+    for needle in [
+        "member: the member role may not use replication origins",
+        "public.sb_mark: the member role may not insert on public.sb_mark",
+        "fix: GRANT INSERT ON \"public\".\"sb_mark\" TO the member role",
+        "public.sb_mark: the member role may not delete on public.sb_mark",
+    ] {
+        assert!(report.contains(needle), "missing {needle:?}:\n{report}");
+    }
     // An unreachable member is a problem for check too.
     let nomember = Pipeline::capture_only("map_check_nomember", hub(), &hdb, "");
     let (ok, report) = check(&nomember);
