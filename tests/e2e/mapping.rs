@@ -406,6 +406,46 @@ fn drift_add_column_under_each_policy() {
     }
 }
 
+/// A column retyped on the hub into one the member cannot hold, and a column
+/// dropped on the hub that the member requires (NOT NULL, no default): both stop
+/// apply with an error naming table and column, before anything of it commits.
+#[test]
+fn drift_retype_and_drop_stop() {
+    let _t = Timed::start("drift_retype_and_drop_stop");
+    let ddl = "CREATE TABLE typed (id int PRIMARY KEY, n int);
+               CREATE TABLE req (id int PRIMARY KEY, v text NOT NULL);";
+    for (case, alter, write, needle) in [
+        (
+            "retype",
+            "ALTER TABLE typed ALTER COLUMN n TYPE text",
+            "INSERT INTO typed VALUES (2, 'two')",
+            "public.typed column \"n\": member type integer cannot hold every value of hub type text",
+        ),
+        (
+            "drop",
+            "ALTER TABLE req DROP COLUMN v",
+            "INSERT INTO req VALUES (2)",
+            "public.req column \"v\": member column public.req.v is NOT NULL and has neither a hub source nor a default",
+        ),
+    ] {
+        let prefix = format!("map_drift_{case}");
+        let (hdb, mdb) = dbs(&prefix, ddl, ddl);
+        let (pipe, _c) = pipeline(&prefix, &hdb, &mdb, "");
+        let mut run = start_run(&pipe);
+        hub().psql(&hdb, "INSERT INTO typed VALUES (1, 1); INSERT INTO req VALUES (1, 'one')");
+        sync_point(&hdb, &mdb, &mut run);
+        hub().psql(&hdb, alter);
+        hub().psql(&hdb, write);
+        hub().psql(&hdb, "INSERT INTO sb_mark VALUES (-1)");
+        let st = run.wait_timeout(MINUTE);
+        assert!(!st.success(), "{case}: run must stop on drift");
+        let log = run.log_text();
+        assert!(log.contains(needle), "{case}: error must name table and column:\n{}", run.log_tail(10));
+        assert_eq!(q(member(), &mdb, "SELECT count(*) FROM typed") + &q(member(), &mdb, "SELECT count(*) FROM req"), "11");
+        assert_eq!(q(member(), &mdb, "SELECT count(*) FROM sb_mark WHERE id = -1"), "0", "{case}");
+    }
+}
+
 /// add-columns when the drift arrives in a group that already holds a lock on the
 /// table (capture first, then apply the whole queue as one group): apply regroups
 /// instead of waiting for itself; nothing lost.
