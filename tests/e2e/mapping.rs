@@ -225,12 +225,12 @@ fn check_reports_every_problem() {
         "CREATE TABLE gone (id int PRIMARY KEY);
          CREATE TABLE renamed (id int PRIMARY KEY, a text);
          CREATE TABLE strict (id int PRIMARY KEY, v text);
-         CREATE TABLE typed (id int PRIMARY KEY, n text);
+         CREATE TABLE typed (id int PRIMARY KEY, n text, s varchar(20));
          CREATE TABLE nokey (id int PRIMARY KEY, v text);
          CREATE TABLE noident (v text);",
         "CREATE TABLE renamed (id int PRIMARY KEY, c text);
          CREATE TABLE strict (id int PRIMARY KEY, v text, must text NOT NULL);
-         CREATE TABLE typed (id int PRIMARY KEY, n integer);
+         CREATE TABLE typed (id int PRIMARY KEY, n integer, s varchar(10));
          CREATE TABLE nokey (id int, v text);
          CREATE TABLE noident (v text);",
     );
@@ -248,6 +248,7 @@ fn check_reports_every_problem() {
         ("missing mapped column", "public.renamed column \"a\": is renamed to \"b\", but the member table public.renamed has no such column"),
         ("NOT NULL without source or default", "public.strict column \"must\": member column public.strict.must is NOT NULL and has neither a hub source nor a default"),
         ("type that cannot hold the source", "public.typed column \"n\": member type integer cannot hold every value of hub type text"),
+        ("narrower type", "public.typed column \"s\": member type character varying(10) may not hold every value of hub type character varying(20)"),
         ("member table without key", "public.nokey: the member table public.nokey has no primary key or unique index"),
         ("hub table without replica identity", "public.noident: the hub table has no primary key and no replica identity"),
     ] {

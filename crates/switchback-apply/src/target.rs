@@ -149,13 +149,16 @@ pub async fn resolve(
     for (i, (h, t)) in map.columns.iter().enumerate() {
         let ColumnTarget::Member(m) = t else { continue };
         let c = &rel.columns[i];
-        if let (Some((_, base, cat)), Some(mc)) = (
-            catalog::builtin_type(member, c.type_oid, -1)
+        if let (Some((full, base, cat)), Some(mc)) = (
+            catalog::builtin_type(member, c.type_oid, c.type_modifier)
                 .await
                 .map_err(ApplyError::member)?,
             mt.column(m),
         ) {
-            problems.extend(model::type_problem(&display, h, (&base, cat), mc));
+            problems.extend(
+                model::type_problem(&display, h, (&base, cat), mc)
+                    .or_else(|| model::length_problem(&display, h, &full, mc)),
+            );
         }
     }
     if !problems.is_empty() {

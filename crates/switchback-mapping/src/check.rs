@@ -472,6 +472,7 @@ async fn check_member(cfg: &Config, m: &Session, r: &mut Report) {
             };
             if let (Some(hc), Some(mc)) = (t.hub.column(h), member.column(mname)) {
                 if let Some(p) = model::type_problem(&display, h, (&hc.base_type, hc.category), mc)
+                    .or_else(|| model::length_problem(&display, h, &hc.type_name, mc))
                 {
                     r.problems.push(p);
                 }

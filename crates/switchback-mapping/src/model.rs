@@ -386,6 +386,52 @@ pub fn type_problem(
     ))
 }
 
+/// Same base type, but the member's length or precision is smaller than the
+/// hub's (`character varying(10)` for `character varying(20)`, `numeric(6,2)` for
+/// `numeric(10,2)`): values that fit on the hub may not fit on the member.
+pub fn length_problem(
+    table: &str,
+    hub_column: &str,
+    hub_type: &str,
+    member: &CatalogColumn,
+) -> Option<Problem> {
+    fn parts(t: &str) -> (&str, Option<Vec<i64>>) {
+        match t.find('(') {
+            Some(i) if t.ends_with(')') => (
+                &t[..i],
+                t[i + 1..t.len() - 1]
+                    .split(',')
+                    .map(|n| n.trim().parse().ok())
+                    .collect(),
+            ),
+            _ => (t, None),
+        }
+    }
+    let (hb, h) = parts(hub_type);
+    let (mb, m) = parts(&member.type_name);
+    if hb != mb || hub_type == member.type_name {
+        return None;
+    }
+    let narrower = match (h.as_deref(), m.as_deref()) {
+        (_, None) => false,
+        (None, Some(_)) => true,
+        (Some([hl]), Some([ml])) => ml < hl,
+        (Some([hp, hs]), Some([mp, ms])) => ms < hs || mp - ms < hp - hs,
+        _ => false,
+    };
+    narrower.then(|| {
+        Problem::new(
+            table,
+            Some(hub_column),
+            format!(
+                "member type {} may not hold every value of hub type {hub_type}",
+                member.type_name
+            ),
+            format!("widen the member column to {hub_type}, or exclude the column"),
+        )
+    })
+}
+
 /// The member table has no unique key to find rows by (a problem unless the hub
 /// sends whole old rows, REPLICA IDENTITY FULL, or only inserts are replicated).
 pub fn key_problem(table: &str, member: &CatalogTable, map: &TableMap) -> Option<Problem> {
@@ -513,6 +559,16 @@ mod tests {
         assert!(type_problem("t", "n", ("text", 'S'), &int).is_some());
         assert!(type_problem("t", "n", ("smallint", 'N'), &int).is_none());
         assert!(type_problem("t", "n", ("bigint", 'N'), &int).is_some());
+        let mut short = col("n", "character varying", 'S', false, false);
+        short.type_name = "character varying(10)".into();
+        assert!(length_problem("t", "n", "character varying(20)", &short).is_some());
+        assert!(length_problem("t", "n", "character varying", &short).is_some());
+        assert!(length_problem("t", "n", "character varying(5)", &short).is_none());
+        let mut num = col("n", "numeric", 'N', false, false);
+        num.type_name = "numeric(10,2)".into();
+        assert!(length_problem("t", "n", "numeric(12,2)", &num).is_some());
+        assert!(length_problem("t", "n", "numeric(10,3)", &num).is_some());
+        assert!(length_problem("t", "n", "numeric(8,2)", &num).is_none());
         let text = col("n", "text", 'S', false, false);
         assert!(type_problem("t", "n", ("integer", 'N'), &text).is_none());
     }
