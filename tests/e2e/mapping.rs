@@ -584,6 +584,17 @@ fn filters_exclude_insert_only_and_row_filter() {
         "{report}"
     );
     hub().psql(&hdb, "UPDATE canary SET v = 'still works' WHERE id = 1");
+    // A filter is one expression: a second statement is refused, never run.
+    let (pipe3, _c3) = pipeline(
+        "map_filters_inject",
+        &hdb,
+        &mdb,
+        "[[tables.table]]\nname = \"events\"\noperations = [\"insert\"]\n\
+         row_filter = \"true); DROP TABLE events; SELECT (1\"\n",
+    );
+    let (ok, report) = check(&pipe3);
+    assert!(!ok && report.contains("is not usable"), "{report}");
+    assert_eq!(q(hub(), &hdb, "SELECT count(*) FROM events"), "2");
 }
 
 // ---------------------------------------------------------------------------

@@ -381,7 +381,8 @@ async fn probe_row_filter(
     }
     let mut problem = None;
     for s in &stmts {
-        if let Err(e) = hub_s.client.batch_execute(s).await {
+        // One statement each (extended protocol): the filter cannot add another.
+        if let Err(e) = hub_s.client.execute(s.as_str(), &[]).await {
             let identity = e.code().map(|c| c.code()) == Some("42P10");
             problem = Some(Problem::new(
                 t.display(),
