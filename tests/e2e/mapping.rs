@@ -293,6 +293,7 @@ fn check_reports_every_problem() {
         "public.sb_mark: the member role may not insert on public.sb_mark",
         "fix: GRANT INSERT ON \"public\".\"sb_mark\" TO the member role",
         "public.sb_mark: the member role may not delete on public.sb_mark",
+        "note: the member role may not SET session_replication_role",
     ] {
         assert!(report.contains(needle), "missing {needle:?}:\n{report}");
     }

@@ -431,6 +431,25 @@ async fn check_member(cfg: &Config, m: &Session, r: &mut Report) {
             "check the member connection".into(),
         )),
     }
+    if cfg.apply.replica_role {
+        let may = m
+            .client
+            .query_one(
+                "SELECT has_parameter_privilege('session_replication_role', 'SET')",
+                &[],
+            )
+            .await
+            .map(|row| row.get::<_, bool>(0))
+            .unwrap_or(true);
+        if !may {
+            r.notes.push(
+                "the member role may not SET session_replication_role: member triggers and foreign keys will \
+                 fire during apply, and the fast path's per-table batching is off. Fix: GRANT SET ON PARAMETER \
+                 session_replication_role TO the member role (PG15+), or connect as a superuser"
+                    .into(),
+            );
+        }
+    }
     for t in &mut r.tables {
         let display = t.hub.display();
         let rule = cfg.tables.rule(&t.hub.schema, &t.hub.name);
