@@ -58,6 +58,10 @@ pub enum ApplyError {
     /// Internal: the fast path met a conflict; the group is replayed carefully.
     #[error("internal: group needs the careful replay")]
     Replay,
+    /// Internal: a schema change on the member (drift = add-columns) waits for a
+    /// lock the group itself holds; the group is retried one transaction at a time.
+    #[error("internal: group must be retried one transaction at a time")]
+    Regroup,
 }
 
 /// No SQLSTATE means the connection broke: transient.
@@ -222,6 +226,8 @@ struct Applier {
     replica_role: bool,
     /// Round trips of the current group sent and not read yet, oldest first.
     sent: std::collections::VecDeque<SentBatch>,
+    /// Table rules: mapping and drift policy.
+    tables: switchback_config::Tables,
 }
 
 /// A round trip sent to the member whose outcomes are not read yet.
@@ -331,6 +337,7 @@ impl Applier {
             stats: ApplyStatus::default(),
             replica_role,
             sent: Default::default(),
+            tables: cfg.tables.clone(),
         })
     }
 
@@ -426,7 +433,7 @@ impl Applier {
             tracing::info!(table = %rel.display_name(), "table definition changed on the hub");
         }
         let oid = rel.oid;
-        let t = Arc::new(target::resolve(&self.catalog, rel).await?);
+        let t = Arc::new(target::resolve(&self.catalog, rel, &self.tables).await?);
         self.statements.retain(|k, _| k.rel != oid);
         self.targets.insert(oid, t.clone());
         Ok(t)
@@ -488,8 +495,37 @@ impl Applier {
                     tracing::debug!("conflict on the fast path; replaying the group with upserts");
                     self.apply_group(queue, first, status, true).await?
                 }
+                Err(ApplyError::Regroup) => self.apply_alone(queue, first, status).await?,
                 r => r?,
             };
+        }
+    }
+
+    /// After [`ApplyError::Regroup`]: rolls the group back and applies its first
+    /// transaction alone (a second lock wait is then someone else's: transient).
+    async fn apply_alone<R: QueueReader + Sync>(
+        &mut self,
+        queue: &R,
+        first: QueuedTxn,
+        status: &watch::Sender<ApplyStatus>,
+    ) -> Result<u64, ApplyError> {
+        tracing::info!(
+            "a member schema change (drift = add-columns) waits for a lock of this group: \
+             applying the group's first transaction alone"
+        );
+        self.abandon().await?;
+        let batch = std::mem::replace(&mut self.batch_txns, 1);
+        let r = self.apply_group(queue, first, status, true).await;
+        self.batch_txns = batch;
+        match r {
+            Err(ApplyError::Regroup) => {
+                self.abandon().await?;
+                Err(ApplyError::Member {
+                    message: "a member schema change (drift = add-columns) waits for a lock held by another session".into(),
+                    transient: true,
+                })
+            }
+            r => r,
         }
     }
 

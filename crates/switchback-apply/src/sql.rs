@@ -153,8 +153,22 @@ impl<'a> Builder<'a> {
         self.params.push(src);
         format!("${}", self.params.len())
     }
+    /// The member column hub column `i` is written to (mapping resolved in target.rs).
     fn col(&self, i: usize) -> String {
-        quote_ident(&self.t.hub.columns[i].name)
+        match &self.t.columns[i] {
+            Some(c) => quote_ident(&c.name),
+            None => quote_ident(&self.t.hub.columns[i].name),
+        }
+    }
+    /// Member-only constant columns appended to an INSERT: (", names", ", values").
+    fn constants(&self) -> (String, String) {
+        let mut names = String::new();
+        let mut values = String::new();
+        for (c, v) in &self.t.constants {
+            let _ = write!(names, ", {c}");
+            let _ = write!(values, ", {v}");
+        }
+        (names, values)
     }
 }
 
@@ -279,9 +293,10 @@ pub fn build(t: &Target, key: &ShapeKey) -> Shape {
                 casts.push(format!("u.c{n}::{ty}"));
             }
             let aliases: Vec<String> = (0..cols.len()).map(|n| format!("c{n}")).collect();
+            let (cnames, cvalues) = b.constants();
             let _ = write!(
                 b.sql,
-                "INSERT INTO {} ({}) SELECT {} FROM unnest({}) AS u({})",
+                "INSERT INTO {} ({}{cnames}) SELECT {}{cvalues} FROM unnest({}) AS u({})",
                 t.qualified,
                 names.join(", "),
                 casts.join(", "),
@@ -420,9 +435,10 @@ fn pred_for(t: &Target) -> Pred {
 fn insert_values(b: &mut Builder) {
     let cols: Vec<usize> = b.t.replicated().map(|(i, _)| i).collect();
     let names: Vec<String> = cols.iter().map(|&i| b.col(i)).collect();
+    let (cnames, cvalues) = b.constants();
     let _ = write!(
         b.sql,
-        "INSERT INTO {} ({}) VALUES (",
+        "INSERT INTO {} ({}{cnames}) VALUES (",
         b.t.qualified,
         names.join(", ")
     );
@@ -433,6 +449,7 @@ fn insert_values(b: &mut Builder) {
         let p = b.p(Src::New(i));
         b.sql.push_str(&p);
     }
+    b.sql.push_str(&cvalues);
     b.sql.push(')');
 }
 
@@ -523,9 +540,10 @@ fn update_or_insert(b: &mut Builder, key: &ShapeKey, pred: Pred, upsert: Option<
             .map(|(i, mc)| (i, mc.cast_type.clone()))
             .collect();
     let names: Vec<String> = cols.iter().map(|(i, _)| b.col(*i)).collect();
+    let (cnames, cvalues) = b.constants();
     let _ = write!(
         b.sql,
-        " RETURNING 1) INSERT INTO {} ({}) SELECT ",
+        " RETURNING 1) INSERT INTO {} ({}{cnames}) SELECT ",
         b.t.qualified,
         names.join(", ")
     );
@@ -536,6 +554,7 @@ fn update_or_insert(b: &mut Builder, key: &ShapeKey, pred: Pred, upsert: Option<
         let p = b.p(Src::New(*i));
         let _ = write!(b.sql, "{p}::{ty}");
     }
+    b.sql.push_str(&cvalues);
     b.sql.push_str(" WHERE NOT EXISTS (SELECT 1 FROM u)");
     if let Some(k) = upsert {
         on_conflict(b, &k);

@@ -1,9 +1,13 @@
 //! The member's side of a replicated table: its columns, types and key, and how
-//! each hub column maps onto it.
+//! each hub column maps onto it. The mapping (target table, renames, exclusions,
+//! constants) is resolved here once per relation, so the statements of sql.rs
+//! carry it precomputed and the apply loop does not look at it.
 
 use std::sync::Arc;
 
-use switchback_core::{quote_ident, Relation, ReplicaIdentity};
+use switchback_config::Tables;
+use switchback_core::{quote_ident, quote_literal, Relation, ReplicaIdentity};
+use switchback_mapping::{catalog, model, ColumnTarget};
 use tokio_postgres::Client;
 
 use crate::ApplyError;
@@ -41,6 +45,8 @@ pub struct Target {
     pub display: String,
     /// For each hub column: its member column (None: not replicated).
     pub columns: Vec<Option<MemberColumn>>,
+    /// Member-only columns set on insert: (quoted column, typed SQL literal).
+    pub constants: Vec<(String, String)>,
     pub matching: Matching,
 }
 
@@ -65,130 +71,185 @@ impl Target {
     }
 }
 
-/// Loads the member's definition of the hub relation `rel` (same schema and name).
-pub async fn resolve(member: &Client, rel: Arc<Relation>) -> Result<Target, ApplyError> {
+/// Resolves the hub relation `rel` against the member through the table's
+/// mapping ([tables] rules): target table, renamed and excluded columns, constants,
+/// and the drift policy for hub columns the member lacks (`add-columns` adds them
+/// here, before anything of the relation is applied).
+pub async fn resolve(
+    member: &Client,
+    rel: Arc<Relation>,
+    tables: &Tables,
+) -> Result<Target, ApplyError> {
     let display = rel.display_name();
-    let oid_row = member
-        .query_opt(
-            "SELECT c.oid FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
-             WHERE n.nspname = $1 AND c.relname = $2 AND c.relkind IN ('r', 'p')",
-            &[&rel.schema, &rel.table],
-        )
-        .await
-        .map_err(ApplyError::member)?;
-    let Some(oid_row) = oid_row else {
-        return Err(ApplyError::Schema(format!(
-            "table {display} exists on the hub but not on the member. Fix: create it on the member \
-             (same columns), or exclude it with [tables] exclude = [\"{display}\"]"
-        )));
+    let rule = tables.rule(&rel.schema, &rel.table);
+    let (ts, tn) = rule.target();
+    let hub_names: Vec<&str> = rel.columns.iter().map(|c| c.name.as_str()).collect();
+    let load = || async {
+        catalog::load_table(member, ts, tn)
+            .await
+            .map_err(ApplyError::member)?
+            .ok_or_else(|| {
+                ApplyError::Schema(format!(
+                    "table {display}: its target table {ts}.{tn} does not exist on the member. Fix: create it on \
+                     the member, set target_schema/target_name in [[tables.table]], or exclude it with [tables] \
+                     exclude = [\"{display}\"]; nothing past this point was applied"
+                ))
+            })
     };
-    let oid: u32 = oid_row.get(0);
-    let cols = member
-        .query(
-            // Casts in SELECT lists and comparisons are explicit, and an explicit
-            // cast to a type with a typmod truncates silently: cast to the type
-            // without typmod, except where "without typmod" still means a length
-            // (bare `character` is char(1), bare `bit` is bit(1)): there use the
-            // unlimited sibling and let assignment to the column check the length.
-            "SELECT a.attname::text, \
-                    CASE a.atttypid::regtype \
-                        WHEN 'bpchar'::regtype THEN 'bpchar' WHEN 'bpchar[]'::regtype THEN 'bpchar[]' \
-                        WHEN 'bit'::regtype THEN 'bit varying' WHEN 'bit[]'::regtype THEN 'bit varying[]' \
-                        ELSE format_type(a.atttypid, NULL) END, \
-                    a.attnotnull, a.atthasdef, a.attgenerated <> '', a.attnum \
-             FROM pg_attribute a \
-             WHERE a.attrelid = $1 AND a.attnum > 0 AND NOT a.attisdropped ORDER BY a.attnum",
-            &[&oid],
-        )
-        .await
-        .map_err(ApplyError::member)?;
-    let member_cols: Vec<(String, MemberColumn, i16)> = cols
+    let mut mt = load().await?;
+    let (mut map, mut problems) = model::map_table(&rule, tables.drift, &hub_names, &mt);
+    let to_add: Vec<usize> = map
+        .columns
         .iter()
-        .map(|r| {
-            let cast_type: String = r.get(1);
-            (
-                r.get::<_, String>(0),
-                MemberColumn {
-                    name: r.get(0),
-                    cast_type,
-                    not_null: r.get(2),
-                    has_default: r.get(3),
-                    generated: r.get(4),
-                },
-                r.get::<_, i16>(5),
-            )
+        .enumerate()
+        .filter(|(_, (_, t))| *t == ColumnTarget::ToAdd)
+        .map(|(i, _)| i)
+        .collect();
+    if problems.is_empty() && !to_add.is_empty() {
+        for i in to_add {
+            let c = &rel.columns[i];
+            let Some((ty, _, _)) = catalog::builtin_type(member, c.type_oid, c.type_modifier)
+                .await
+                .map_err(ApplyError::member)?
+            else {
+                return Err(ApplyError::Schema(format!(
+                    "table {display}: new hub column {} has a user-defined type, which drift = \"add-columns\" \
+                     cannot add. Fix: add the column on the member yourself, then start again; nothing past this \
+                     point was applied",
+                    c.name
+                )));
+            };
+            let sql = format!(
+                "ALTER TABLE {} ADD COLUMN IF NOT EXISTS {} {ty}",
+                mt.qualified(),
+                quote_ident(&c.name)
+            );
+            // The apply session may hold a lock on the table from earlier changes of
+            // the same group: give up quickly and let apply regroup instead of
+            // waiting for itself.
+            let r = member
+                .batch_execute(&format!(
+                    "SET lock_timeout = '3s'; {sql}; RESET lock_timeout"
+                ))
+                .await;
+            if let Err(e) = r {
+                let _ = member.batch_execute("RESET lock_timeout").await;
+                if e.code().map(|c| c.code()) == Some("55P03") {
+                    return Err(ApplyError::Regroup);
+                }
+                return Err(ApplyError::member(e));
+            }
+            tracing::warn!(table = %rel.display_name(), column = %c.name, member_type = %ty,
+                "schema drift: added the hub's new column on the member (drift = add-columns)");
+        }
+        mt = load().await?;
+        (map, problems) = model::map_table(&rule, tables.drift, &hub_names, &mt);
+    }
+    // Types: built-in hub types are known by OID on the member too.
+    for (i, (h, t)) in map.columns.iter().enumerate() {
+        let ColumnTarget::Member(m) = t else { continue };
+        let c = &rel.columns[i];
+        if let (Some((full, base, cat)), Some(mc)) = (
+            catalog::builtin_type(member, c.type_oid, c.type_modifier)
+                .await
+                .map_err(ApplyError::member)?,
+            mt.column(m),
+        ) {
+            problems.extend(
+                model::type_problem(&display, h, (&base, cat), mc)
+                    .or_else(|| model::length_problem(&display, h, &full, mc)),
+            );
+        }
+    }
+    if !problems.is_empty() {
+        let list: Vec<String> = problems.iter().map(|p| p.to_string()).collect();
+        return Err(ApplyError::Schema(format!(
+            "table {display} cannot be applied (schema drift or mapping): {}; nothing past this point was \
+             applied, the queue keeps it: fix the member or the mapping and start again",
+            list.join("; ")
+        )));
+    }
+
+    let member_col = |name: &str| {
+        let c = mt.column(name).expect("mapped columns exist");
+        MemberColumn {
+            name: c.name.clone(),
+            cast_type: c.cast_type.clone(),
+            not_null: c.not_null,
+            has_default: c.has_default,
+            generated: c.generated,
+        }
+    };
+    let columns: Vec<Option<MemberColumn>> = map
+        .columns
+        .iter()
+        .map(|(_, t)| match t {
+            ColumnTarget::Member(m) | ColumnTarget::Generated(m) => Some(member_col(m)),
+            _ => None,
+        })
+        .collect();
+    let constants = map
+        .constants()
+        .map(|(m, v)| {
+            let ty = mt
+                .column(m)
+                .map(|c| c.cast_type.clone())
+                .unwrap_or_default();
+            (quote_ident(m), format!("{}::{ty}", quote_literal(v)))
         })
         .collect();
 
-    let mut columns = Vec::with_capacity(rel.columns.len());
-    let mut missing = Vec::new();
-    for c in &rel.columns {
-        match member_cols.iter().find(|(n, _, _)| *n == c.name) {
-            Some((_, mc, _)) => columns.push(Some(mc.clone())),
-            None => {
-                missing.push(c.name.clone());
-                columns.push(None);
-            }
-        }
-    }
-    if !missing.is_empty() {
-        return Err(ApplyError::Schema(format!(
-            "table {display}: hub column(s) {} do not exist on the member. Fix: add them on the member \
-             (ALTER TABLE {} ADD COLUMN ...), then start again; nothing past this point was applied",
-            missing.join(", "),
-            quote_ident(&rel.schema) + "." + &quote_ident(&rel.table)
-        )));
-    }
-
-    // Unique indexes of the member, as lists of column names.
-    let idx = member
-        .query(
-            "SELECT i.indisprimary, array_agg(a.attname::text ORDER BY k.ord) \
-             FROM pg_index i \
-             CROSS JOIN LATERAL unnest(i.indkey) WITH ORDINALITY AS k(attnum, ord) \
-             JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum \
-             WHERE i.indrelid = $1 AND i.indisunique AND i.indpred IS NULL AND i.indexprs IS NULL \
-             GROUP BY i.indexrelid, i.indisprimary ORDER BY i.indisprimary DESC",
-            &[&oid],
-        )
-        .await
-        .map_err(ApplyError::member)?;
-    let unique: Vec<(bool, Vec<String>)> = idx.iter().map(|r| (r.get(0), r.get(1))).collect();
-    let hub_index = |name: &str| rel.columns.iter().position(|c| c.name == name);
+    // Rows are found by member columns; indexes are hub column positions.
+    let written = |i: usize| columns[i].as_ref().filter(|c| !c.generated);
+    let hub_index = |member_name: &str| {
+        (0..columns.len()).find(|&i| written(i).is_some_and(|c| c.name == member_name))
+    };
     let covers = |keys: &[usize]| {
-        let mut names: Vec<&str> = keys.iter().map(|&i| rel.columns[i].name.as_str()).collect();
+        let mut names: Vec<&str> = keys
+            .iter()
+            .filter_map(|&i| written(i).map(|c| c.name.as_str()))
+            .collect();
         names.sort_unstable();
-        unique.iter().any(|(_, cols)| {
-            let mut c: Vec<&str> = cols.iter().map(String::as_str).collect();
-            c.sort_unstable();
-            c == names
-        })
+        names.len() == keys.len()
+            && mt.unique_keys.iter().any(|(_, cols)| {
+                let mut c: Vec<&str> = cols.iter().map(String::as_str).collect();
+                c.sort_unstable();
+                c == names
+            })
     };
     let hub_keys: Vec<usize> = rel.key_columns().map(|(i, _)| i).collect();
-    let matching = if rel.replica_identity == ReplicaIdentity::Full {
-        // Prefer the member's primary key (or any unique index) if the hub has its columns.
-        let from_member = unique.iter().find_map(|(_, cols)| {
+    let keys_written = hub_keys.iter().all(|&i| written(i).is_some());
+    let from_member = || {
+        mt.unique_keys.iter().find_map(|(_, cols)| {
             cols.iter()
                 .map(|n| hub_index(n))
                 .collect::<Option<Vec<usize>>>()
-        });
-        match from_member {
+        })
+    };
+    let matching = if rel.replica_identity == ReplicaIdentity::Full {
+        // Prefer the member's primary key (or any unique index) if the hub has its columns.
+        match from_member() {
             Some(k) => Matching::Key(k),
             None => Matching::AllColumns,
         }
     } else if !hub_keys.is_empty() && covers(&hub_keys) {
         Matching::Key(hub_keys)
-    } else if !hub_keys.is_empty() {
+    } else if !hub_keys.is_empty() && keys_written {
         Matching::KeyNoIndex(hub_keys)
+    } else if !hub_keys.is_empty() {
+        return Err(ApplyError::Schema(format!(
+            "table {display}: a replica identity column of the hub is excluded or not written on the member, so \
+             rows cannot be found. Fix: map the key columns; nothing past this point was applied"
+        )));
     } else {
         Matching::AllColumns
     };
-    let _ = oid;
     Ok(Target {
-        qualified: format!("{}.{}", quote_ident(&rel.schema), quote_ident(&rel.table)),
+        qualified: mt.qualified(),
         display,
         hub: rel,
         columns,
+        constants,
         matching,
     })
 }

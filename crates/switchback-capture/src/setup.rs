@@ -1,6 +1,8 @@
 //! Hub preparation before streaming: preflight, publication(s), slot.
 
-use switchback_config::{Config, NoKeyPolicy};
+use std::collections::BTreeMap;
+
+use switchback_config::{Config, NoKeyPolicy, Operation};
 use switchback_pg::hub::{self, HubTable, PublicationSpec};
 use switchback_pg::PgError;
 
@@ -28,38 +30,51 @@ pub async fn prepare(cfg: &Config) -> Result<Plan, CaptureError> {
     let version = session.server_version().await?;
     let tables = hub::list_tables(&session, |s, t| cfg.tables.matches(s, t)).await?;
 
-    let (mut full, mut insert_only) = (Vec::new(), Vec::new());
+    // Tables grouped by the operations they publish: one publication per set
+    // (`publish` is a publication option); row filters go with each table.
+    let mut groups: BTreeMap<Vec<Operation>, Vec<HubTable>> = BTreeMap::new();
     let mut refused = Vec::new();
     for t in &tables {
-        if !t.lacks_identity() {
-            full.push(t.clone());
-            continue;
-        }
-        match cfg.tables.no_key {
-            NoKeyPolicy::Refuse => refused.push(t.display()),
-            NoKeyPolicy::InsertOnly => insert_only.push(t.clone()),
-            NoKeyPolicy::ReplicaIdentityFull => {
-                session
-                    .client
-                    .batch_execute(&format!(
-                        "ALTER TABLE {} REPLICA IDENTITY FULL",
-                        t.qualified()
-                    ))
-                    .await
-                    .map_err(|e| {
-                        PgError::Setup(format!(
-                            "{}: cannot set REPLICA IDENTITY FULL on {}: {}",
-                            session.endpoint,
-                            t.display(),
-                            switchback_pg::error::describe_sql_error(&e)
+        let rule = cfg.tables.rule(&t.schema, &t.table);
+        let mut ops = rule.ops();
+        let mut t = t.clone();
+        t.row_filter = rule.row_filter.clone();
+        let changes = ops.contains(&Operation::Update) || ops.contains(&Operation::Delete);
+        if t.lacks_identity() && changes {
+            match cfg.tables.no_key {
+                NoKeyPolicy::Refuse => {
+                    refused.push(t.display());
+                    continue;
+                }
+                NoKeyPolicy::InsertOnly => {
+                    ops.retain(|o| matches!(o, Operation::Insert | Operation::Truncate))
+                }
+                NoKeyPolicy::ReplicaIdentityFull => {
+                    session
+                        .client
+                        .batch_execute(&format!(
+                            "ALTER TABLE {} REPLICA IDENTITY FULL",
+                            t.qualified()
                         ))
-                    })?;
-                tracing::info!(table = %t.display(), "set REPLICA IDENTITY FULL (table has no primary key)");
-                let mut t = t.clone();
-                t.replica_identity = 'f';
-                full.push(t);
+                        .await
+                        .map_err(|e| {
+                            PgError::Setup(format!(
+                                "{}: cannot set REPLICA IDENTITY FULL on {}: {}",
+                                session.endpoint,
+                                t.display(),
+                                switchback_pg::error::describe_sql_error(&e)
+                            ))
+                        })?;
+                    tracing::info!(table = %t.display(), "set REPLICA IDENTITY FULL (table has no primary key)");
+                    t.replica_identity = 'f';
+                }
             }
         }
+        if ops.is_empty() {
+            tracing::warn!(table = %t.display(), "no operation left to replicate (no key on the hub, [tables] no_key = \"insert-only\")");
+            continue;
+        }
+        groups.entry(ops).or_default().push(t);
     }
     if !refused.is_empty() {
         return Err(CaptureError::Setup(format!(
@@ -75,30 +90,40 @@ pub async fn prepare(cfg: &Config) -> Result<Plan, CaptureError> {
     }
 
     let main_pub = cfg.publication_name();
-    let ins_pub = format!("{main_pub}_ins");
-    hub::ensure_publication(
-        &session,
-        &PublicationSpec {
-            name: main_pub.clone(),
-            publish: "insert, update, delete, truncate".into(),
-            tables: full.clone(),
-        },
-    )
-    .await?;
-    let mut publications = vec![main_pub];
-    if insert_only.is_empty() {
-        hub::drop_publication(&session, &ins_pub).await?;
-    } else {
+    let existing: Vec<String> = session
+        .client
+        .query(
+            "SELECT pubname::text FROM pg_publication WHERE starts_with(pubname::text, $1)",
+            &[&main_pub],
+        )
+        .await
+        .map_err(|e| session.err(e))?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    let mut publications = Vec::new();
+    let mut all = Vec::new();
+    for ops in op_sets() {
+        let name = publication_for(&main_pub, &ops);
+        let tables = groups.remove(&ops).unwrap_or_default();
+        if tables.is_empty() && name != main_pub {
+            if existing.contains(&name) {
+                hub::drop_publication(&session, &name).await?;
+            }
+            continue;
+        }
+        let publish: Vec<&str> = ops.iter().map(|o| o.as_str()).collect();
         hub::ensure_publication(
             &session,
             &PublicationSpec {
-                name: ins_pub.clone(),
-                publish: "insert, truncate".into(),
-                tables: insert_only.clone(),
+                name: name.clone(),
+                publish: publish.join(", "),
+                tables: tables.clone(),
             },
         )
         .await?;
-        publications.push(ins_pub);
+        publications.push(name);
+        all.extend(tables);
     }
     let slot = cfg.slot_name();
     hub::ensure_slot(&session, &slot).await?;
@@ -108,8 +133,6 @@ pub async fn prepare(cfg: &Config) -> Result<Plan, CaptureError> {
     if cfg.capture.streaming && !streaming {
         tracing::warn!("[capture] streaming needs PostgreSQL 14 or newer on the hub; large transactions are sent at commit");
     }
-    let mut all = full;
-    all.extend(insert_only);
     tracing::info!(
         tables = all.len(),
         slot = %slot,
@@ -125,4 +148,50 @@ pub async fn prepare(cfg: &Config) -> Result<Plan, CaptureError> {
         streaming,
         tables: all,
     })
+}
+
+/// Every non-empty set of operations, the full set first.
+fn op_sets() -> Vec<Vec<Operation>> {
+    let mut sets: Vec<Vec<Operation>> = (1..16u8)
+        .map(|bits| {
+            Operation::ALL
+                .iter()
+                .enumerate()
+                .filter(|(i, _)| bits & (1 << i) != 0)
+                .map(|(_, o)| *o)
+                .collect()
+        })
+        .collect();
+    sets.sort_by_key(|s| std::cmp::Reverse(s.len()));
+    sets
+}
+
+/// The publication of a set of operations: `switchback_<name>` for all four,
+/// `_ins` for insert and truncate (the no-key insert-only tables), otherwise
+/// `_` and the operations' initials (`_iu`: insert and update).
+fn publication_for(main: &str, ops: &[Operation]) -> String {
+    if ops.len() == Operation::ALL.len() {
+        return main.to_string();
+    }
+    if ops == [Operation::Insert, Operation::Truncate] {
+        return format!("{main}_ins");
+    }
+    let letters: String = ops.iter().map(|o| &o.as_str()[..1]).collect();
+    format!("{main}_{letters}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn publication_names() {
+        let sets = op_sets();
+        assert_eq!(sets.len(), 15);
+        assert_eq!(publication_for("p", &sets[0]), "p");
+        let names: std::collections::HashSet<String> =
+            sets.iter().map(|s| publication_for("p", s)).collect();
+        assert_eq!(names.len(), 15);
+        assert!(names.contains("p_ins") && names.contains("p_i") && names.contains("p_iud"));
+    }
 }

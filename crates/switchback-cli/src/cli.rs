@@ -66,6 +66,15 @@ pub enum Command {
     /// Inspect the queue.
     #[command(subcommand)]
     Queue(QueueCommand),
+    /// Validate the pipeline against hub and member before anything runs.
+    ///
+    /// Checks privileges, wal_level, replica identity, row filters, that every
+    /// mapped table and column exists on the member with a type that holds the hub's
+    /// values, member NOT NULL columns without source or default, and a key on the
+    /// member. Prints the tables, columns and mappings (with the derived reverse
+    /// mapping), lists every problem with its fix, and exits with status 1 if any.
+    /// `run` and `capture` run the same checks at start.
+    Check(ConfigArg),
 }
 
 #[derive(Args, Debug)]

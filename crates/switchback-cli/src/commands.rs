@@ -20,7 +20,40 @@ pub async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Run(c) => run(c).await,
         Command::Apply(a) => apply(a).await,
         Command::Status(s) => crate::status::status(s).await,
+        Command::Check(c) => check(c).await,
     }
+}
+
+/// `switchback check`: the report on stdout; exit status 1 on any problem.
+async fn check(c: ConfigArg) -> anyhow::Result<ExitCode> {
+    let cfg = load(&c)?;
+    let report =
+        switchback_mapping::check::check(&cfg, switchback_mapping::check::Sides::Both).await;
+    print!("{}", report.render());
+    Ok(if report.ok() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
+}
+
+/// The checks of `switchback check` before `run` (both sides) or `capture` (hub).
+async fn check_before_start(
+    cfg: &Config,
+    sides: switchback_mapping::check::Sides,
+) -> anyhow::Result<()> {
+    let report = switchback_mapping::check::check(cfg, sides).await;
+    for n in &report.notes {
+        tracing::info!(note = %n, "check");
+    }
+    if !report.ok() && report.ok_but_unreachable() {
+        for p in &report.problems {
+            tracing::warn!(problem = %p, "cannot check before start; starting anyway (connections are retried)");
+        }
+        return Ok(());
+    }
+    anyhow::ensure!(report.ok(), "{}", report.error_text());
+    Ok(())
 }
 
 pub fn load(c: &ConfigArg) -> anyhow::Result<Config> {
@@ -35,6 +68,7 @@ pub fn open_queue(cfg: &Config) -> anyhow::Result<SledLog> {
 
 async fn capture(c: ConfigArg) -> anyhow::Result<ExitCode> {
     let cfg = load(&c)?;
+    check_before_start(&cfg, switchback_mapping::check::Sides::Hub).await?;
     telemetry::init_metrics(cfg.metrics.listen.as_deref())?;
     let mut queue = open_queue(&cfg)?;
     let shutdown = signals::shutdown_on_signals();
@@ -118,6 +152,7 @@ async fn dump(d: DumpArgs) -> anyhow::Result<ExitCode> {
 /// Capture and apply in one process over the embedded sled log.
 async fn run(c: ConfigArg) -> anyhow::Result<ExitCode> {
     let cfg = load(&c)?;
+    check_before_start(&cfg, switchback_mapping::check::Sides::Both).await?;
     telemetry::init_metrics(cfg.metrics.listen.as_deref())?;
     let mut writer = open_queue(&cfg)?;
     let reader = writer.clone();

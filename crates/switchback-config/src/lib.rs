@@ -164,6 +164,13 @@ pub struct Tables {
     pub exclude: Vec<String>,
     #[serde(default)]
     pub no_key: NoKeyPolicy,
+    /// What happens to a hub column the member has no column for (a column added
+    /// on the hub while running, or one missing from the start).
+    #[serde(default)]
+    pub drift: DriftPolicy,
+    /// Per-table rules (`[[tables.table]]`): target, renames, filters.
+    #[serde(default)]
+    pub table: Vec<TableRule>,
 }
 
 impl Default for Tables {
@@ -172,7 +179,130 @@ impl Default for Tables {
             include: default_include(),
             exclude: Vec::new(),
             no_key: NoKeyPolicy::default(),
+            drift: DriftPolicy::default(),
+            table: Vec::new(),
         }
+    }
+}
+
+/// Schema drift policy: a hub column without a member column.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum DriftPolicy {
+    /// Stop with an error naming the table and column; nothing past it is applied
+    /// (default). Fix the member or the mapping, then start again.
+    #[default]
+    Stop,
+    /// Leave such columns out (their values are not replicated).
+    IgnoreNewColumns,
+    /// `ALTER TABLE ... ADD COLUMN` (nullable, the hub's type) on the member, then continue.
+    AddColumns,
+}
+
+/// A row operation that can be replicated.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Operation {
+    Insert,
+    Update,
+    Delete,
+    Truncate,
+}
+
+impl Operation {
+    pub const ALL: [Operation; 4] = [
+        Operation::Insert,
+        Operation::Update,
+        Operation::Delete,
+        Operation::Truncate,
+    ];
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Operation::Insert => "insert",
+            Operation::Update => "update",
+            Operation::Delete => "delete",
+            Operation::Truncate => "truncate",
+        }
+    }
+}
+
+fn default_public() -> String {
+    "public".into()
+}
+
+/// The rule of one hub table (`[[tables.table]]`). Names are exact (not globs,
+/// not quoted): `schema = "Sales Ops"`, `name = "Order"`.
+///
+/// ```toml
+/// [[tables.table]]
+/// schema = "public"
+/// name = "person"
+/// target_schema = "public"          # default: the hub's schema
+/// target_name = "person"            # default: the hub's name
+/// operations = ["insert", "update", "delete", "truncate"]   # default: all four
+/// row_filter = "id < 1000"          # PG15 publication WHERE, evaluated on the hub
+/// exclude_columns = ["secret"]      # hub columns never written to the member
+/// [tables.table.rename]             # hub column = member column
+/// last_name = "surname"
+/// [tables.table.constants]          # member column = value (text), set on insert
+/// source = "hub"
+/// ```
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct TableRule {
+    #[serde(default = "default_public")]
+    pub schema: String,
+    pub name: String,
+    #[serde(default)]
+    pub target_schema: Option<String>,
+    #[serde(default)]
+    pub target_name: Option<String>,
+    #[serde(default)]
+    pub operations: Option<Vec<Operation>>,
+    #[serde(default)]
+    pub row_filter: Option<String>,
+    #[serde(default)]
+    pub exclude_columns: Vec<String>,
+    #[serde(default)]
+    pub rename: std::collections::BTreeMap<String, String>,
+    #[serde(default)]
+    pub constants: std::collections::BTreeMap<String, String>,
+}
+
+impl TableRule {
+    /// The identity rule of a table without `[[tables.table]]` entry.
+    pub fn identity(schema: &str, name: &str) -> TableRule {
+        TableRule {
+            schema: schema.into(),
+            name: name.into(),
+            target_schema: None,
+            target_name: None,
+            operations: None,
+            row_filter: None,
+            exclude_columns: Vec::new(),
+            rename: Default::default(),
+            constants: Default::default(),
+        }
+    }
+    /// `(schema, table)` on the member.
+    pub fn target(&self) -> (&str, &str) {
+        (
+            self.target_schema.as_deref().unwrap_or(&self.schema),
+            self.target_name.as_deref().unwrap_or(&self.name),
+        )
+    }
+    /// Replicated operations, sorted, without duplicates.
+    pub fn ops(&self) -> Vec<Operation> {
+        let mut o = self
+            .operations
+            .clone()
+            .unwrap_or_else(|| Operation::ALL.to_vec());
+        o.sort();
+        o.dedup();
+        o
+    }
+    pub fn display(&self) -> String {
+        format!("{}.{}", self.schema, self.name)
     }
 }
 
@@ -182,6 +312,61 @@ impl Tables {
         let name = format!("{schema}.{table}");
         self.include.iter().any(|g| glob_match(g, &name))
             && !self.exclude.iter().any(|g| glob_match(g, &name))
+    }
+
+    /// The rule of `schema.table`: its `[[tables.table]]` entry, or the identity.
+    pub fn rule(&self, schema: &str, table: &str) -> TableRule {
+        self.table
+            .iter()
+            .find(|r| r.schema == schema && r.name == table)
+            .cloned()
+            .unwrap_or_else(|| TableRule::identity(schema, table))
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        let mut seen = std::collections::HashSet::new();
+        for r in &self.table {
+            let t = r.display();
+            let bad = |m: String| Err(ConfigError::Invalid(format!("[[tables.table]] {t}: {m}")));
+            if !seen.insert((r.schema.clone(), r.name.clone())) {
+                return bad("listed twice; merge the two entries".into());
+            }
+            if r.operations.as_ref().is_some_and(|o| o.is_empty()) {
+                return bad(
+                    "operations is empty; exclude the table with [tables] exclude instead".into(),
+                );
+            }
+            if r.row_filter.as_deref().is_some_and(|f| f.trim().is_empty()) {
+                return bad("row_filter is empty; remove it to replicate every row".into());
+            }
+            for c in &r.exclude_columns {
+                if r.rename.contains_key(c) {
+                    return bad(format!(
+                        "column {c:?} is both renamed and excluded; keep one"
+                    ));
+                }
+            }
+            let mut targets = std::collections::HashSet::new();
+            for (from, to) in &r.rename {
+                if !targets.insert(to) {
+                    return bad(format!(
+                        "two hub columns are renamed to {to:?} (one is {from:?}); each member column takes one source"
+                    ));
+                }
+                if r.constants.contains_key(to) {
+                    return bad(format!(
+                        "member column {to:?} has both a source ({from:?}) and a constant; keep one"
+                    ));
+                }
+            }
+            if !self.matches(&r.schema, &r.name) {
+                return bad(
+                    "is not in scope of [tables] include/exclude; include it or remove the entry"
+                        .into(),
+                );
+            }
+        }
+        Ok(())
     }
 }
 
@@ -288,6 +473,7 @@ impl Config {
                 "[apply] batch_txns and batch_changes must be at least 1".into(),
             ));
         }
+        self.tables.validate()?;
         self.hub_pg()?;
         self.member_pg()?;
         Ok(())
@@ -405,6 +591,30 @@ mod tests {
     }
 
     #[test]
+    fn table_rules() {
+        let text = format!(
+            "{MIN}\n[tables]\ndrift = \"add-columns\"\n[[tables.table]]\nschema = \"Sales Ops\"\nname = \"Order\"\n\
+             target_name = \"Orders\"\noperations = [\"insert\"]\nrow_filter = \"id < 10\"\n\
+             [tables.table.rename]\nlast_name = \"surname\"\n[tables.table.constants]\nsource = \"hub\"\n"
+        );
+        let c = Config::parse(&text, Path::new("x.toml")).unwrap();
+        assert_eq!(c.tables.drift, DriftPolicy::AddColumns);
+        let r = c.tables.rule("Sales Ops", "Order");
+        assert_eq!(r.target(), ("Sales Ops", "Orders"));
+        assert_eq!(r.ops(), vec![Operation::Insert]);
+        assert_eq!(r.rename["last_name"], "surname");
+        assert_eq!(c.tables.rule("public", "x").ops().len(), 4);
+        let bad = text.replace("row_filter", "row_filtr");
+        assert!(Config::parse(&bad, Path::new("x.toml")).is_err());
+        let bad = text.replace(
+            "[tables.table.constants]\nsource",
+            "[tables.table.constants]\nsurname",
+        );
+        let e = Config::parse(&bad, Path::new("x.toml")).unwrap_err();
+        assert!(e.to_string().contains("both a source"), "{e}");
+    }
+
+    #[test]
     fn globs() {
         assert!(glob_match("public.*", "public.orders"));
         assert!(!glob_match("public.*", "sales.orders"));
@@ -414,6 +624,7 @@ mod tests {
             include: vec!["public.*".into()],
             exclude: vec!["public.audit*".into()],
             no_key: NoKeyPolicy::Refuse,
+            ..Tables::default()
         };
         assert!(t.matches("public", "orders"));
         assert!(!t.matches("public", "audit_log"));
