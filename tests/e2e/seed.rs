@@ -665,3 +665,49 @@ fn seed_large_table_in_ranges_with_bounded_memory() {
         "seed peak RSS {peak} kB: memory is not bounded"
     );
 }
+
+// ---------------------------------------------------------------------------
+// 5. run --seed
+// ---------------------------------------------------------------------------
+
+/// `run --seed` seeds, then streams: rows written after the seed reach the member;
+/// restarted, it finds everything seeded and copies nothing again.
+#[test]
+fn run_with_seed_seeds_then_streams() {
+    let _t = Timed("run_with_seed_seeds_then_streams", Instant::now());
+    let hub = hub();
+    let member = member();
+    let hdb = hub.create_db("seed_run");
+    let mdb = member.create_db("seed_run");
+    hub.pgbench_init(&hdb, 1);
+    member.psql(&mdb, BENCH_DDL);
+    let pipe = Pipeline::new("seed_run", &hub.url(&hdb), &member.url(&mdb), "");
+    let _slot = DropSlot {
+        hub,
+        slot: pipe.slot(),
+    };
+    for round in 0..2 {
+        let mut run = pipe.spawn(&["run", "--seed", "--jobs", "2"]);
+        let slot = pipe.slot();
+        wait_until(MINUTE, "run --seed to stream", || {
+            run.assert_running();
+            hub.slot(&slot).is_some_and(|s| s.active)
+        });
+        hub.pgbench(&hdb, 2, 2, &[]);
+        wait_history_drained(hub, &hdb, member, &mdb, &mut run);
+        assert_tables_equal(hub, &hdb, member, &mdb, &BENCH_TABLES);
+        let st = run.sigint_and_wait();
+        assert!(st.success(), "run --seed exit {st}");
+        let log = run.log_text();
+        if round == 0 {
+            assert!(log.contains("seed finished"), "{log}");
+        } else {
+            assert!(
+                log.contains("every table in scope is seeded already"),
+                "{log}"
+            );
+            assert!(!log.contains("copying table"), "{log}");
+        }
+        assert!(hub_wins_lines(&log).is_empty(), "{log}");
+    }
+}
