@@ -148,14 +148,11 @@ impl SyncLsns {
                 unfinished.join(", ")
             )));
         }
-        let mut s = SyncLsns::default();
-        for st in states {
-            s.max = s.max.max(st.sync_lsn);
-            s.by_table
-                .entry(st.schema)
-                .or_default()
-                .insert(st.table, st.sync_lsn);
-        }
+        let s = SyncLsns::new(
+            states
+                .into_iter()
+                .map(|st| (st.schema, st.table, st.sync_lsn)),
+        );
         if !s.by_table.is_empty() {
             tracing::info!(
                 tables = s.by_table.values().map(HashMap::len).sum::<usize>(),
@@ -164,6 +161,16 @@ impl SyncLsns {
             );
         }
         Ok(s)
+    }
+
+    /// From (schema, table, sync LSN) of finished tables.
+    pub fn new(tables: impl IntoIterator<Item = (String, String, Lsn)>) -> SyncLsns {
+        let mut s = SyncLsns::default();
+        for (schema, table, lsn) in tables {
+            s.max = s.max.max(lsn);
+            s.by_table.entry(schema).or_default().insert(table, lsn);
+        }
+        s
     }
 
     /// Whether a change of `rel` in the hub transaction ending at `end_lsn` is
@@ -175,5 +182,41 @@ impl SyncLsns {
                 .get(&rel.schema)
                 .and_then(|t| t.get(&rel.table))
                 .is_some_and(|&l| end_lsn <= l)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use switchback_core::ReplicaIdentity;
+
+    fn rel(schema: &str, table: &str) -> Relation {
+        Relation {
+            oid: 1,
+            schema: schema.into(),
+            table: table.into(),
+            replica_identity: ReplicaIdentity::Default,
+            columns: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn skips_only_the_table_up_to_its_sync_lsn() {
+        let s = SyncLsns::new([
+            ("public".into(), "a".into(), Lsn(100)),
+            ("public".into(), "b".into(), Lsn(200)),
+        ]);
+        let (a, b, c) = (rel("public", "a"), rel("public", "b"), rel("public", "c"));
+        assert!(s.skips(&a, Lsn(99)));
+        assert!(s.skips(&a, Lsn(100)), "at the sync LSN: in the copy");
+        assert!(!s.skips(&a, Lsn(101)), "after it: from the stream");
+        assert!(s.skips(&b, Lsn(150)));
+        assert!(!s.skips(&b, Lsn(201)));
+        assert!(
+            !s.skips(&c, Lsn(50)),
+            "a table never seeded is never skipped"
+        );
+        assert!(!s.skips(&rel("other", "a"), Lsn(50)), "schemas matter");
+        assert!(!SyncLsns::default().skips(&a, Lsn(1)));
     }
 }

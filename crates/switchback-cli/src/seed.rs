@@ -32,6 +32,7 @@ async fn seed_with(cfg: &Config, f: &SeedFlags) -> anyhow::Result<()> {
 
 pub async fn seed(a: SeedArgs) -> anyhow::Result<ExitCode> {
     let cfg = crate::commands::load(&a.config)?;
+    crate::telemetry::init_metrics(cfg.metrics.listen.as_deref())?;
     seed_with(&cfg, &a.seed_opts).await?;
     Ok(ExitCode::SUCCESS)
 }

@@ -265,7 +265,12 @@ pub async fn status(a: StatusArgs) -> anyhow::Result<ExitCode> {
             r.process = Some(f);
         }
     }
-    let unfinished: Vec<String> = r.seed.iter().filter(|s| !s.done()).map(|s| s.display()).collect();
+    let unfinished: Vec<String> = r
+        .seed
+        .iter()
+        .filter(|s| !s.done())
+        .map(|s| s.display())
+        .collect();
     if !unfinished.is_empty() && !r.process_running {
         r.problems.push(format!(
             "the seed of {} is unfinished: run `switchback seed` again",

@@ -16,7 +16,7 @@ use std::time::Instant;
 
 use bytes::{Bytes, BytesMut};
 use futures_util::{SinkExt, StreamExt};
-use switchback_core::{quote_ident, quote_literal};
+use switchback_core::{metric, quote_ident, quote_literal};
 use tokio_postgres::Client;
 
 use crate::{db_err, SeedError};
@@ -201,6 +201,7 @@ async fn copy_chunk(
                 .map_err(|e| db_err(format!("{what}: member"), e))?;
             buf.reserve(BATCH_BYTES);
             p.bytes.fetch_add(n, Ordering::Relaxed);
+            metrics::counter!(metric::SEED_BYTES_TOTAL).increment(n);
         }
     }
     if !buf.is_empty() {
@@ -209,6 +210,7 @@ async fn copy_chunk(
             .await
             .map_err(|e| db_err(format!("{what}: member"), e))?;
         p.bytes.fetch_add(n, Ordering::Relaxed);
+        metrics::counter!(metric::SEED_BYTES_TOTAL).increment(n);
     }
     let rows = sink
         .finish()
@@ -230,9 +232,11 @@ async fn copy_chunk(
         .await
         .map_err(|e| db_err(format!("{what}: member commit"), e))?;
     p.rows.fetch_add(rows, Ordering::Relaxed);
+    metrics::counter!(metric::SEED_ROWS_TOTAL).increment(rows);
     let chunks_done = p.chunks_done.fetch_add(1, Ordering::Relaxed) + 1;
     if state == "done" {
         p.finished.store(true, Ordering::Relaxed);
+        metrics::counter!(metric::SEED_TABLES_DONE_TOTAL).increment(1);
         let secs = p
             .started
             .lock()

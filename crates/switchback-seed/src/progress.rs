@@ -121,9 +121,11 @@ async fn lines(tables: Vec<Arc<TableProgress>>, stop: &mut watch::Receiver<bool>
             .count();
         let secs = start.elapsed().as_secs_f64();
         let rate = rows as f64 / secs.max(1e-3);
-        let eta = (total_est > rows && rate > 0.0)
-            .then(|| format!("{:.0} s", (total_est - rows) as f64 / rate))
-            .unwrap_or_else(|| "-".into());
+        let eta = if total_est > rows && rate > 0.0 {
+            format!("{:.0} s", (total_est - rows) as f64 / rate)
+        } else {
+            "-".to_string()
+        };
         tracing::info!(
             tables_done = done,
             tables = tables.len(),
