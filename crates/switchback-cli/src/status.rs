@@ -273,7 +273,7 @@ pub async fn status(a: StatusArgs) -> anyhow::Result<ExitCode> {
         .collect();
     if !unfinished.is_empty() && !r.process_running {
         r.problems.push(format!(
-            "the seed of {} is unfinished: run `switchback seed` again",
+            "the seed of {} is unfinished (a seed is running, or was interrupted: then run `switchback seed` again)",
             unfinished.join(", ")
         ));
     }

@@ -53,7 +53,7 @@ fn mb(bytes: u64) -> String {
 async fn bars(tables: Vec<Arc<TableProgress>>, stop: &mut watch::Receiver<bool>) {
     let multi = MultiProgress::with_draw_target(ProgressDrawTarget::stderr_with_hz(5));
     let style = ProgressStyle::with_template(
-        "{prefix:<32!} [{bar:30}] {human_pos}/{human_len} rows {msg} {per_sec} eta {eta}",
+        "{prefix:<32!} [{bar:30}] {human_pos}/{human_len} rows {msg} {per_sec:0} eta {eta}",
     )
     .unwrap_or_else(|_| ProgressStyle::default_bar())
     .progress_chars("=> ");
