@@ -217,7 +217,11 @@ pub fn copy_columns(
         )));
     }
     if out.hub.is_empty() {
-        out.binary = false;
+        return Err(SeedError::Setup(format!(
+            "table {} has no column to copy (every column is generated or unmapped). Fix: exclude it \
+             with [tables] exclude",
+            info.hub.display()
+        )));
     }
     Ok(out)
 }
