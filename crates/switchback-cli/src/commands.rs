@@ -20,7 +20,7 @@ pub async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Run(c) => run(c).await,
         Command::Apply(a) => apply(a).await,
         Command::Status(s) => crate::status::status(s).await,
-        Command::Seed(s) => crate::seed::seed(s).await,
+        Command::Seed(s) => crate::seed::seed(s, cli.global.log_format).await,
     }
 }
 
