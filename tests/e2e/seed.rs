@@ -711,3 +711,146 @@ fn run_with_seed_seeds_then_streams() {
         assert!(hub_wins_lines(&log).is_empty(), "{log}");
     }
 }
+
+// ---------------------------------------------------------------------------
+// 6. kill -9 in the middle of a table split into ranges
+// ---------------------------------------------------------------------------
+
+/// A table split into ranges, with hub updates moving rows between pages all along:
+/// the seed is killed -9 after two ranges committed (an `ENABLE ALWAYS` trigger on
+/// the member makes later ranges wait on an advisory lock the test holds). The
+/// resumed seed empties the table and copies every range again at a new snapshot
+/// (ranges of two snapshots would not fit together); `run` then converges.
+#[test]
+fn seed_kill9_mid_split_table_recopies_it() {
+    let _t = Timed("seed_kill9_mid_split_table_recopies_it", Instant::now());
+    let hub = hub();
+    let member = member();
+    let rows: u64 = by_scale(200_000, 1_000_000);
+    let hdb = hub.create_db("seed_split");
+    let mdb = member.create_db("seed_split");
+    let ddl = "CREATE TABLE big (id bigint PRIMARY KEY, grp int NOT NULL, payload text)";
+    hub.psql(
+        &hdb,
+        &format!(
+            "{ddl}; INSERT INTO big SELECT i, i % 1000, md5(i::text) FROM generate_series(1, {rows}) i; \
+             VACUUM ANALYZE big"
+        ),
+    );
+    member.psql(&mdb, ddl);
+    // Later ranges wait (after their COPY, before their commit) once two are done.
+    member.psql(
+        &mdb,
+        "CREATE FUNCTION wait_after_two() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN \
+           IF (SELECT chunks_done FROM switchback.seed_tables WHERE table_name = 'big') >= 2 THEN \
+             PERFORM pg_advisory_xact_lock(4242); \
+           END IF; RETURN NULL; END $$; \
+         CREATE TRIGGER wait_after_two AFTER INSERT ON big FOR EACH STATEMENT EXECUTE FUNCTION wait_after_two(); \
+         ALTER TABLE big ENABLE ALWAYS TRIGGER wait_after_two;",
+    );
+    let pages: u64 = hub
+        .query_value(&hdb, "SELECT relpages FROM pg_class WHERE relname = 'big'")
+        .parse()
+        .unwrap();
+    let pipe = Pipeline::new("seed_split", &hub.url(&hdb), &member.url(&mdb), "");
+    let _slot = DropSlot {
+        hub,
+        slot: pipe.slot(),
+    };
+    // Updates on the hub move rows to other pages during both seeds and until run.
+    let script = pipe.dir().join("move.sql");
+    std::fs::write(
+        &script,
+        format!(
+            "\\set id random(1, {rows})\nUPDATE big SET payload = payload || 'x', grp = grp + 1 WHERE id = :id;\n"
+        ),
+    )
+    .unwrap();
+    let load = {
+        let db = hdb.clone();
+        let script = script.to_str().unwrap().to_string();
+        let secs = by_scale(40, 90);
+        std::thread::spawn(move || hub.pgbench(&db, 2, secs, &["-f", &script]))
+    };
+    let chunk = (pages / 12).max(1).to_string();
+    let args = ["--jobs", "2", "--chunk-pages", chunk.as_str()];
+
+    let lock = Holder::open(member, &mdb, "SELECT pg_advisory_xact_lock(4242)");
+    let mut seed = pipe.spawn(&[&["seed"][..], &args[..]].concat());
+    wait_until(
+        MINUTE,
+        "two ranges of big committed, the others waiting",
+        || {
+            seed.assert_running();
+            member
+            .try_psql(
+                &mdb,
+                "SELECT state || ' ' || chunks_done || '/' || chunks_total FROM switchback.seed_tables",
+            )
+            .is_ok_and(|v| v.starts_with("copying 2/"))
+            && member.query_value(
+                "postgres",
+                "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted",
+            ) == "2"
+        },
+    );
+    seed.kill9();
+    lock.release();
+    let first = seed_states(&pipe);
+    eprintln!("killed with {first:?}");
+    let committed: u64 = member
+        .query_value(&mdb, "SELECT count(*) FROM big")
+        .parse()
+        .unwrap();
+    assert!(
+        committed > 0 && committed < rows,
+        "two ranges' rows stay committed: {committed}"
+    );
+    member.psql(&mdb, "DROP TRIGGER wait_after_two ON big");
+
+    let log = seed_ok(&pipe, &args);
+    assert!(
+        log.lines()
+            .any(|l| l.contains("copying table") && l.contains("truncate=true")),
+        "the partly copied table is emptied first; log:\n{log}"
+    );
+    let second = seed_states(&pipe);
+    assert_eq!(second[0].1, "done");
+    assert!(second[0].2 > first[0].2, "copied again at a later snapshot");
+    assert!(second[0].4 >= 4, "split into ranges: {second:?}");
+    assert!(
+        !load.is_finished(),
+        "the hub load ended before the seeds did"
+    );
+
+    let mut run = start_run(hub, &pipe);
+    let res = load.join().expect("load thread");
+    assert_eq!(res.failed, 0, "{}", res.output);
+    hub.psql(
+        &hdb,
+        "CREATE TABLE IF NOT EXISTS big_done (id int PRIMARY KEY)",
+    );
+    // The last hub update is applied once the member's sum of grp matches.
+    let q = "SELECT sum(grp)::text || ':' || sum(length(payload))::text FROM big";
+    let want = hub.query_value(&hdb, q);
+    wait_until(
+        by_scale(3, 10) * MINUTE,
+        "member big to match the hub",
+        || {
+            run.assert_running();
+            member.query_value(&mdb, q) == want
+        },
+    );
+    assert_tables_equal(hub, &hdb, member, &mdb, &[("big", "id")]);
+    let st = run.sigint_and_wait();
+    assert!(st.success());
+    assert!(
+        hub_wins_lines(&run.log_text()).is_empty(),
+        "{}",
+        run.log_text()
+    );
+    eprintln!(
+        "seed_kill9_mid_split: {rows} rows, {} ranges; killed with {committed} rows committed; {} hub updates",
+        second[0].4, res.transactions
+    );
+}
