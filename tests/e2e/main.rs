@@ -5,3 +5,4 @@
 mod apply;
 mod capture;
 mod mapping;
+mod seed;

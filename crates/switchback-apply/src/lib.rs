@@ -13,6 +13,7 @@
 //! **Invariant:** a hub transaction's rows and the progress that covers it commit
 //! in one member transaction; the queue is acknowledged only after that commit.
 
+pub mod handover;
 pub mod progress;
 pub mod sql;
 pub mod target;
@@ -228,6 +229,8 @@ struct Applier {
     sent: std::collections::VecDeque<SentBatch>,
     /// Table rules: mapping and drift policy.
     tables: switchback_config::Tables,
+    /// Seeded tables: their changes at or before their sync LSN are skipped.
+    handover: handover::SyncLsns,
 }
 
 /// A round trip sent to the member whose outcomes are not read yet.
@@ -324,6 +327,7 @@ impl Applier {
         }
         let progress = progress::setup(&mut conn, &cfg.origin_name()).await?;
         tracing::info!(progress = %progress, "apply resumes after the member's progress");
+        let handover = handover::SyncLsns::load(&catalog, &cfg.pipeline.name).await?;
         Ok(Applier {
             conn,
             catalog,
@@ -338,6 +342,7 @@ impl Applier {
             replica_role,
             sent: Default::default(),
             tables: cfg.tables.clone(),
+            handover,
         })
     }
 
@@ -589,8 +594,14 @@ impl Applier {
                             } => {
                                 // A barrier: everything buffered per table goes first.
                                 self.flush_tables(&mut tables, &mut inflight)?;
-                                let tgs: Vec<Arc<Target>> =
-                                    oids.iter().filter_map(|o| rels.get(o).cloned()).collect();
+                                let tgs: Vec<Arc<Target>> = oids
+                                    .iter()
+                                    .filter_map(|o| rels.get(o).cloned())
+                                    .filter(|tg| !self.handover.skips(&tg.hub, t.header.end_lsn))
+                                    .collect();
+                                if tgs.is_empty() {
+                                    continue;
+                                }
                                 let refs: Vec<&Target> = tgs.iter().map(|t| t.as_ref()).collect();
                                 let mut f = Queued {
                                     what: QueuedSql::Sql(sql::truncate(
@@ -622,6 +633,9 @@ impl Applier {
                                         t.header.end_lsn
                                     ))
                                 })?;
+                                if self.handover.skips(&tg.hub, t.header.end_lsn) {
+                                    continue;
+                                }
                                 let planned = sql::plan(&tg, change, careful)?;
                                 *ops.entry(planned.op).or_default() += 1;
                                 ctx.push((tg.clone(), planned.op, t.header.xid, t.header.end_lsn));

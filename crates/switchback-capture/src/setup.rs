@@ -22,6 +22,12 @@ pub struct Plan {
 
 /// Checks the hub, creates or updates the publication(s), then the slot.
 pub async fn prepare(cfg: &Config) -> Result<Plan, CaptureError> {
+    prepare_with(cfg, true).await
+}
+
+/// As [`prepare`]; with `create_slot = false` the slot is left alone (seed creates
+/// it itself, exporting a snapshot).
+pub async fn prepare_with(cfg: &Config, create_slot: bool) -> Result<Plan, CaptureError> {
     let hub_cfg = cfg
         .hub_pg()
         .map_err(|e| CaptureError::Setup(e.to_string()))?;
@@ -126,7 +132,9 @@ pub async fn prepare(cfg: &Config) -> Result<Plan, CaptureError> {
         all.extend(tables);
     }
     let slot = cfg.slot_name();
-    hub::ensure_slot(&session, &slot).await?;
+    if create_slot {
+        hub::ensure_slot(&session, &slot).await?;
+    }
 
     let proto_version = if version >= 140000 { 2 } else { 1 };
     let streaming = cfg.capture.streaming && version >= 140000;

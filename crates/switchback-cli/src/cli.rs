@@ -53,7 +53,7 @@ pub enum Command {
     ///
     /// Runs until SIGINT or SIGTERM, then stops gracefully: the queue is flushed, the
     /// hub's slot acknowledged and the member's progress committed.
-    Run(ConfigArg),
+    Run(RunArgs),
     /// Capture only: stream the hub's changes into the queue until SIGINT/SIGTERM.
     ///
     /// Creates the publication and the replication slot on first start. The slot is
@@ -75,6 +75,49 @@ pub enum Command {
     /// mapping), lists every problem with its fix, and exits with status 1 if any.
     /// `run` and `capture` run the same checks at start.
     Check(ConfigArg),
+    /// Copy the hub's tables into the member at a consistent snapshot, handed over to the stream.
+    ///
+    /// Creates the slot with an exported snapshot and copies every table in scope with
+    /// parallel COPY (large tables in ctid ranges). Resumable: run it again after an
+    /// interruption and only the unfinished tables are copied again (at a new snapshot).
+    /// Then `switchback run` continues from the slot without a gap.
+    Seed(SeedArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct RunArgs {
+    #[command(flatten)]
+    pub config: ConfigArg,
+    /// Seed first (as `switchback seed`), then run.
+    #[arg(long)]
+    pub seed: bool,
+    #[command(flatten)]
+    pub seed_opts: SeedFlags,
+}
+
+#[derive(Args, Debug)]
+pub struct SeedArgs {
+    #[command(flatten)]
+    pub config: ConfigArg,
+    #[command(flatten)]
+    pub seed_opts: SeedFlags,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct SeedFlags {
+    /// Parallel copy jobs (default: the number of CPUs, at least 2).
+    #[arg(long)]
+    pub jobs: Option<usize>,
+    /// Create missing member tables from the hub's definitions (columns and primary
+    /// key before the data, other indexes after).
+    #[arg(long)]
+    pub create_schema: bool,
+    /// Empty non-empty member tables before copying (otherwise seed refuses them).
+    #[arg(long)]
+    pub truncate: bool,
+    /// Heap pages per ctid range of a large table (default: from its size and --jobs).
+    #[arg(long)]
+    pub chunk_pages: Option<u64>,
 }
 
 #[derive(Args, Debug)]

@@ -10,7 +10,7 @@ use switchback_queue::{QueueReader, SledLog};
 use tokio::sync::watch;
 use tracing::Instrument;
 
-use crate::cli::{ApplyArgs, Cli, Command, ConfigArg, DumpArgs, QueueCommand};
+use crate::cli::{ApplyArgs, Cli, Command, ConfigArg, DumpArgs, QueueCommand, RunArgs};
 use crate::{signals, telemetry};
 
 pub async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
@@ -21,6 +21,7 @@ pub async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Apply(a) => apply(a).await,
         Command::Status(s) => crate::status::status(s).await,
         Command::Check(c) => check(c).await,
+        Command::Seed(s) => crate::seed::seed(s, cli.global.log_format).await,
     }
 }
 
@@ -150,10 +151,13 @@ async fn dump(d: DumpArgs) -> anyhow::Result<ExitCode> {
 }
 
 /// Capture and apply in one process over the embedded sled log.
-async fn run(c: ConfigArg) -> anyhow::Result<ExitCode> {
-    let cfg = load(&c)?;
+async fn run(r: RunArgs) -> anyhow::Result<ExitCode> {
+    let cfg = load(&r.config)?;
     check_before_start(&cfg, switchback_mapping::check::Sides::Both).await?;
     telemetry::init_metrics(cfg.metrics.listen.as_deref())?;
+    if r.seed {
+        crate::seed::seed_then_run(&cfg, &r.seed_opts).await?;
+    }
     let mut writer = open_queue(&cfg)?;
     let reader = writer.clone();
     let shutdown = signals::shutdown_on_signals();

@@ -3,6 +3,7 @@
 
 mod cli;
 mod commands;
+mod seed;
 mod signals;
 mod status;
 mod telemetry;

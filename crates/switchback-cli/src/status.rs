@@ -170,6 +170,8 @@ struct Report {
     lag_seconds: Option<f64>,
     conflicts: std::collections::BTreeMap<String, u64>,
     problems: Vec<String>,
+    /// Per-table seed state on the member (empty when seed never ran).
+    seed: Vec<switchback_apply::handover::SeedTableState>,
 }
 
 pub async fn status(a: StatusArgs) -> anyhow::Result<ExitCode> {
@@ -192,6 +194,7 @@ pub async fn status(a: StatusArgs) -> anyhow::Result<ExitCode> {
         lag_seconds: None,
         conflicts: Default::default(),
         problems: Vec::new(),
+        seed: Vec::new(),
     };
     match switchback_pg::hub::connect(&cfg.hub_pg()?, "hub").await {
         Ok(hub) => {
@@ -221,6 +224,10 @@ pub async fn status(a: StatusArgs) -> anyhow::Result<ExitCode> {
             match switchback_apply::progress::read(&m.client, &cfg.origin_name()).await {
                 Ok(l) => r.member_applied_lsn = l.map(|l| l.to_string()),
                 Err(e) => r.problems.push(format!("cannot read apply progress: {e}")),
+            }
+            match switchback_apply::handover::read_state(&m.client, &cfg.pipeline.name).await {
+                Ok(s) => r.seed = s,
+                Err(e) => r.problems.push(format!("cannot read the seed state: {e}")),
             }
         }
         Err(e) => r.problems.push(format!("member unreachable: {e}")),
@@ -257,6 +264,18 @@ pub async fn status(a: StatusArgs) -> anyhow::Result<ExitCode> {
             }
             r.process = Some(f);
         }
+    }
+    let unfinished: Vec<String> = r
+        .seed
+        .iter()
+        .filter(|s| !s.done())
+        .map(|s| s.display())
+        .collect();
+    if !unfinished.is_empty() && !r.process_running {
+        r.problems.push(format!(
+            "the seed of {} is unfinished (a seed is running, or was interrupted: then run `switchback seed` again)",
+            unfinished.join(", ")
+        ));
     }
     if a.json {
         println!("{}", serde_json::to_string_pretty(&r)?);
@@ -326,6 +345,20 @@ fn print_report(r: &Report) {
             .map(|(k, v)| format!("{k} {v}"))
             .collect();
         println!("conflicts         {}", list.join(", "));
+    }
+    for s in &r.seed {
+        println!(
+            "seed              {} {} at {} ({} rows, chunks {}/{}{})",
+            s.display(),
+            s.state,
+            s.sync_lsn,
+            s.rows,
+            s.chunks_done,
+            s.chunks_total,
+            s.finished_at
+                .as_deref()
+                .map_or(String::new(), |f| format!(", finished {f}"))
+        );
     }
     for p in &r.problems {
         println!("problem           {p}");

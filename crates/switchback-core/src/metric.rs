@@ -32,3 +32,9 @@ pub const QUEUE_DEPTH_TRANSACTIONS: &str = "switchback_queue_depth_transactions"
 pub const QUEUE_DEPTH_BYTES: &str = "switchback_queue_depth_bytes";
 /// WAL bytes between the hub's current LSN and the slot's confirmed position.
 pub const HUB_SLOT_LAG_BYTES: &str = "switchback_hub_slot_lag_bytes";
+/// Rows copied by seed and committed on the member.
+pub const SEED_ROWS_TOTAL: &str = "switchback_seed_rows_total";
+/// COPY bytes streamed by seed from hub to member.
+pub const SEED_BYTES_TOTAL: &str = "switchback_seed_bytes_total";
+/// Tables whose seed finished (state `done`).
+pub const SEED_TABLES_DONE_TOTAL: &str = "switchback_seed_tables_done_total";
