@@ -33,8 +33,10 @@ pub enum Step {
 struct Txn {
     open: Option<OpenId>,
     xid: u32,
-    /// The transaction is already in the queue (sent again after a restart).
+    /// The transaction is already in the queue (sent again after a restart), or it
+    /// is an echo (its origin is the other direction's apply): nothing is stored.
     duplicate: bool,
+    echo: bool,
     origin: Option<String>,
     buf: Vec<Record>,
     buf_bytes: usize,
@@ -49,6 +51,7 @@ impl Txn {
             open: None,
             xid,
             duplicate,
+            echo: false,
             origin: None,
             buf: Vec::new(),
             buf_bytes: 0,
@@ -67,7 +70,10 @@ pub struct Assembler {
     streams: HashMap<u32, Txn>,
     stream_xid: Option<u32>,
     chunk_bytes: usize,
+    /// Transactions whose Origin is this one are echoes of the other direction.
+    echo_origin: Option<String>,
     /// Stats for metrics.
+    pub echoes: u64,
     pub stored_txns: u64,
     pub stored_changes: u64,
     pub duplicates: u64,
@@ -123,10 +129,20 @@ impl Assembler {
             streams: HashMap::new(),
             stream_xid: None,
             chunk_bytes: chunk_bytes.max(1024),
+            echo_origin: None,
+            echoes: 0,
             stored_txns: 0,
             stored_changes: 0,
             duplicates: 0,
         }
+    }
+
+    /// Drops (without storing, still acknowledging) every transaction whose Origin
+    /// message names `origin`: on PG15 this is how a direction recognises what the
+    /// other direction's apply wrote, so nothing returns to where it came from.
+    pub fn with_echo_filter(mut self, origin: Option<String>) -> Assembler {
+        self.echo_origin = origin;
+        self
     }
 
     /// True when no transaction is being assembled (plain or streamed).
@@ -247,6 +263,16 @@ impl Assembler {
         end_lsn: Lsn,
         commit_time: i64,
     ) -> Result<Step, CaptureError> {
+        if t.echo {
+            if let Some(id) = t.open {
+                q.discard(id)?;
+            }
+            self.echoes += 1;
+            return Ok(Step::Committed {
+                end_lsn,
+                stored: false,
+            });
+        }
         let already = q.last_end_lsn().is_some_and(|last| end_lsn <= last);
         if t.duplicate || already {
             if let Some(id) = t.open {
@@ -306,7 +332,18 @@ impl Assembler {
                 self.current = Some(Txn::new(xid, duplicate));
             }
             Message::Origin { name, .. } => {
-                if let Some(t) = self.current.as_mut() {
+                let echo = self.echo_origin.as_deref() == Some(name.as_str());
+                // A streamed transaction's Origin follows its first Stream Start.
+                let t = match (self.current.as_mut(), self.stream_xid) {
+                    (Some(t), _) => Some(t),
+                    (None, Some(top)) => self.streams.get_mut(&top),
+                    (None, None) => None,
+                };
+                if let Some(t) = t {
+                    if echo {
+                        t.echo = true;
+                        t.duplicate = true;
+                    }
                     t.origin = Some(name);
                 }
             }

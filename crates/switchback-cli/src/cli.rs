@@ -66,6 +66,23 @@ pub enum Command {
     /// Inspect the queue.
     #[command(subcommand)]
     Queue(QueueCommand),
+    /// Make the member the primary: fence the hub, drain to the fence, move sequences
+    /// forward, start member → hub, open the member. Needs `switchback run` running.
+    ///
+    /// Run it again after a crash: it resumes from the recorded step.
+    Cutover(SwitchArgs),
+    /// Make the hub the primary again (the same steps the other way); also undoes
+    /// an interrupted cutover.
+    Rollback(SwitchArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct SwitchArgs {
+    #[command(flatten)]
+    pub config: ConfigArg,
+    /// Run the checks and print the plan; change nothing.
+    #[arg(long)]
+    pub dry_run: bool,
 }
 
 #[derive(Args, Debug)]
