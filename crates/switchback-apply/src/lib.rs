@@ -640,6 +640,16 @@ impl Applier {
             unreachable!("a group without applied transactions returned early")
         };
         self.flush_tables(&mut tables, &mut inflight)?;
+        if changes == 0 {
+            // Only messages (e.g. a cutover's fence marker): a member transaction
+            // without an xid writes no commit record, so the origin's progress would
+            // not move. Assign one.
+            inflight.push(Queued {
+                what: QueuedSql::Sql("SELECT pg_current_xact_id()".into()),
+                expect: Expect::Nothing,
+                ctx: None,
+            });
+        }
         let stamp = progress::stamp(last.header.end_lsn, last.header.commit_time);
         inflight.push(Queued {
             what: QueuedSql::Sql(stamp),

@@ -1,0 +1,355 @@
+//! Cutover acceptance tests ("Cutover and reverse sync"): `switchback run` keeps the
+//! member in sync, `switchback cutover` moves the primary to the member with the
+//! reverse direction started, `switchback rollback` moves it back; writer clients
+//! (tests/harness/cutover.rs) follow the primary through the open hook.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::io::{Read, Write};
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use switchback_tests::cutover::{start_writers, WriterReport};
+use switchback_tests::{
+    by_scale, hub, member, quote_literal, unique, wait_until, Cluster, ClusterOptions, Pipeline,
+    Spawned,
+};
+
+const MINUTE: Duration = Duration::from_secs(60);
+
+const PIN: &str = "SET datestyle = ISO; SET intervalstyle = postgres; \
+                   SET extra_float_digits = 3; SET TimeZone = 'UTC';";
+
+const BENCH_TABLES: [(&str, &str); 4] = [
+    ("pgbench_accounts", "aid"),
+    ("pgbench_branches", "bid"),
+    ("pgbench_tellers", "tid"),
+    ("pgbench_history", "hid"),
+];
+
+fn fingerprint(c: &Cluster, db: &str, table: &str, order_by: &str) -> Option<(u64, String)> {
+    let out = c
+        .try_psql(
+            db,
+            &format!(
+                "{PIN}\nSELECT count(*), md5(coalesce(string_agg(md5(t::text), '' ORDER BY {order_by}), '')) \
+                 FROM {table} t"
+            ),
+        )
+        .ok()?;
+    let (n, md5) = out.lines().last()?.split_once('|')?;
+    Some((n.parse().ok()?, md5.to_string()))
+}
+
+fn bench_equal(hdb: &str, mdb: &str) -> Result<(), String> {
+    let mut diffs = Vec::new();
+    for (table, key) in BENCH_TABLES {
+        let h = fingerprint(hub(), hdb, table, key);
+        let m = fingerprint(member(), mdb, table, key);
+        if h.is_none() || h != m {
+            diffs.push(format!("{table}: hub {h:?}, member {m:?}"));
+        }
+    }
+    if diffs.is_empty() {
+        Ok(())
+    } else {
+        Err(diffs.join("\n"))
+    }
+}
+
+/// Drains: waits until every pgbench table is equal on both sides.
+fn wait_equal(hdb: &str, mdb: &str, run: &mut Spawned) {
+    let mut last = String::new();
+    let deadline = Instant::now() + 2 * MINUTE;
+    loop {
+        run.assert_running();
+        match bench_equal(hdb, mdb) {
+            Ok(()) => return,
+            Err(e) => last = e,
+        }
+        assert!(
+            Instant::now() < deadline,
+            "hub and member still differ after the drain:\n{last}\nrun log:\n{}",
+            run.log_tail(40)
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// The ids written by the writers (pgbench_history.filler) on one side, with counts.
+fn history_ids(c: &Cluster, db: &str) -> BTreeMap<String, u32> {
+    let mut m = BTreeMap::new();
+    for l in c
+        .psql(db, "SELECT trim(filler) FROM pgbench_history WHERE filler IS NOT NULL")
+        .lines()
+    {
+        *m.entry(l.to_string()).or_insert(0) += 1;
+    }
+    m
+}
+
+/// Every committed transaction is on both sides exactly once; both sides hold
+/// the same ids; no sequence produced a duplicate key.
+fn assert_nothing_lost(hdb: &str, mdb: &str, report: &WriterReport) {
+    let h = history_ids(hub(), hdb);
+    let m = history_ids(member(), mdb);
+    let dup_h: Vec<_> = h.iter().filter(|(_, n)| **n > 1).collect();
+    let dup_m: Vec<_> = m.iter().filter(|(_, n)| **n > 1).collect();
+    assert!(dup_h.is_empty() && dup_m.is_empty(), "duplicated history rows: hub {dup_h:?} member {dup_m:?}");
+    let hk: BTreeSet<&String> = h.keys().collect();
+    let mk: BTreeSet<&String> = m.keys().collect();
+    assert_eq!(hk, mk, "hub and member hold different pgbench_history rows");
+    let missing: Vec<&String> = report.committed.iter().filter(|id| !hk.contains(id)).collect();
+    assert!(
+        missing.is_empty(),
+        "{} committed transactions are missing (first: {:?})",
+        missing.len(),
+        &missing[..missing.len().min(5)]
+    );
+    let unknown = hk.len() - report.committed.len();
+    assert!(
+        unknown <= report.uncertain.len(),
+        "{unknown} rows nobody committed (uncertain commits: {})",
+        report.uncertain.len()
+    );
+    assert_eq!(
+        report.duplicate_key_errors, 0,
+        "a sequence produced a duplicate key after a switch"
+    );
+}
+
+fn bench_dbs(prefix: &str, scale: u32) -> (String, String) {
+    let hdb = hub().create_db(prefix);
+    let mdb = member().create_db(prefix);
+    hub().pgbench_init(&hdb, scale);
+    member().pgbench_init(&mdb, scale);
+    bench_equal(&hdb, &mdb).expect("test setup: initial pgbench data differs");
+    (hdb, mdb)
+}
+
+/// Drops both directions' slots when the test ends (after the processes died).
+struct DropSlots {
+    slot: String,
+}
+
+impl Drop for DropSlots {
+    fn drop(&mut self) {
+        for (c, slot) in [(hub(), self.slot.clone()), (member(), format!("{}_rev", self.slot))] {
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while c.slot(&slot).is_some_and(|s| s.active) && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            c.drop_slot_if_inactive(&slot);
+        }
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("bind")
+        .port()
+}
+
+fn metric(port: u16, name: &str, label: &str) -> f64 {
+    let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", port)) else {
+        return 0.0;
+    };
+    let _ = s.set_read_timeout(Some(Duration::from_secs(10)));
+    let _ = s.write_all(b"GET /metrics HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n");
+    let mut body = String::new();
+    let _ = s.read_to_string(&mut body);
+    body.lines()
+        .filter(|l| l.starts_with(name) && l.contains(label))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// A pipeline between two pgbench databases whose open hook writes the primary's
+/// side into `<dir>/primary` (read by the writers), plus the running `run`.
+struct Rig {
+    hdb: String,
+    mdb: String,
+    pipe: Pipeline,
+    primary: PathBuf,
+    metrics_port: u16,
+}
+
+impl Rig {
+    fn new(prefix: &str, scale: u32, extra: &str) -> Rig {
+        let (hdb, mdb) = bench_dbs(prefix, scale);
+        let port = free_port();
+        let pipe = Pipeline::new(prefix, &hub().url(&hdb), &member().url(&mdb), "");
+        let primary = pipe.dir().join("primary");
+        std::fs::write(&primary, "hub").unwrap();
+        let hook = format!(
+            "printf %s \"$SWITCHBACK_PRIMARY\" > '{0}.tmp' && mv '{0}.tmp' '{0}'",
+            primary.display()
+        );
+        pipe.append_config(&format!(
+            "[metrics]\nlisten = \"127.0.0.1:{port}\"\n\n[cutover]\nopen_hook = {hook:?}\n{extra}"
+        ));
+        Rig {
+            hdb,
+            mdb,
+            pipe,
+            primary,
+            metrics_port: port,
+        }
+    }
+
+    fn drop_slots(&self) -> DropSlots {
+        DropSlots {
+            slot: self.pipe.slot(),
+        }
+    }
+
+    fn start_run(&self) -> Spawned {
+        let mut p = self.pipe.spawn(&["run"]);
+        let slot = self.pipe.slot();
+        wait_until(MINUTE, "run to stream from the hub (consistent)", || {
+            p.assert_running();
+            hub()
+                .slot(&slot)
+                .is_some_and(|s| s.active && s.confirmed_flush.is_some())
+        });
+        p
+    }
+
+    fn writers(&self, clients: usize, scale: u32) -> switchback_tests::cutover::Writers {
+        start_writers(
+            clients,
+            &hub().url(&self.hdb),
+            &member().url(&self.mdb),
+            self.primary.clone(),
+            scale,
+        )
+    }
+
+    fn state(&self) -> Value {
+        let mut p = self.pipe.queue_path().into_os_string();
+        p.push(".state.json");
+        match std::fs::read(p) {
+            Ok(b) => serde_json::from_slice(&b).expect("state JSON"),
+            // No file: the initial state.
+            Err(_) => serde_json::json!({"direction": "hub_to_member", "epoch": 0}),
+        }
+    }
+
+    /// `switchback <cmd>` to completion; asserts success; returns stdout.
+    fn switch(&self, cmd: &str, run: &mut Spawned) -> String {
+        run.assert_running();
+        let out = self.pipe.run(&[cmd]);
+        let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+        assert!(
+            out.status.success(),
+            "switchback {cmd} failed ({}):\n{stdout}\n{}\nrun log:\n{}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr),
+            run.log_tail(30)
+        );
+        eprintln!("{cmd}: {}", stdout.trim());
+        stdout
+    }
+
+    /// `switchback <cmd>` paused (test hook) right after `step`, then killed -9.
+    fn kill_after(&self, cmd: &str, step: &str) {
+        let log = self.pipe.dir().join(format!("{cmd}-pause-{step}-{}.log", unique()));
+        let f = std::fs::File::create(&log).unwrap();
+        let child = self
+            .pipe
+            .command(&[cmd])
+            .env("SWITCHBACK_TEST_PAUSE_AFTER", step)
+            .stdin(Stdio::null())
+            .stdout(f.try_clone().unwrap())
+            .stderr(f)
+            .spawn()
+            .expect("spawn");
+        let mut s = Spawned {
+            child,
+            log,
+            args: vec![cmd.into()],
+        };
+        wait_until(MINUTE, &format!("{cmd} to pause after {step}"), || {
+            if let Some(st) = s.try_wait() {
+                panic!("{cmd} exited ({st}) before pausing after {step}:\n{}", s.log_text());
+            }
+            s.log_text().contains(&format!("paused after step {step}"))
+        });
+        s.kill9();
+    }
+}
+
+fn report_of(stdout: &str) -> Value {
+    let line = stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("report: "))
+        .unwrap_or_else(|| panic!("no report line in:\n{stdout}"));
+    serde_json::from_str(line).expect("report JSON")
+}
+
+/// Acceptance 1: writes on the hub → cutover (the writers move to the member) →
+/// writes on the member → rollback → writes on the hub → drain. Nothing lost,
+/// nothing twice, no duplicate key from a sequence, echoes dropped.
+#[test]
+fn rollback_loses_nothing() {
+    let scale = 1;
+    let rig = Rig::new("cut_lossless", scale, "");
+    let _slots = rig.drop_slots();
+    let mut run = rig.start_run();
+    let writers = rig.writers(4, scale);
+    let t0 = Instant::now();
+    wait_until(MINUTE, "writes on the hub", || writers.count_on("hub", t0) >= 100);
+
+    let dry = rig.pipe.run_ok(&["cutover", "--dry-run"]);
+    let dry = String::from_utf8_lossy(&dry.stdout).to_string();
+    assert!(dry.contains("cutover plan") && dry.contains("fence the hub"), "{dry}");
+    assert_eq!(rig.state()["direction"], "hub_to_member", "a dry run changes nothing");
+
+    let t_cut = Instant::now();
+    let out = rig.switch("cutover", &mut run);
+    let cut_done = Instant::now();
+    let rep = report_of(&out);
+    assert_eq!(rig.state()["direction"], "member_to_hub");
+    assert!(
+        rep["sequences"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|m| m["sequence"] == "public.pgbench_history_hid_seq"),
+        "the serial sequence moved forward: {rep}"
+    );
+    wait_until(MINUTE, "writes on the member", || writers.count_on("member", t_cut) >= 50);
+    std::thread::sleep(Duration::from_secs(by_scale(5, 30))); // the member's write period
+    // The member's writes reach the hub (reverse direction).
+    let t_back = Instant::now();
+    let out = rig.switch("rollback", &mut run);
+    let back_done = Instant::now();
+    assert_eq!(rig.state()["direction"], "hub_to_member");
+    assert_eq!(report_of(&out)["kind"], "rollback");
+    wait_until(MINUTE, "writes on the hub again", || writers.count_on("hub", t_back) >= 50);
+    std::thread::sleep(Duration::from_secs(by_scale(5, 30))); // the hub's write period
+    let report = writers.stop();
+    wait_equal(&rig.hdb, &rig.mdb, &mut run);
+    assert_nothing_lost(&rig.hdb, &rig.mdb, &report);
+    let on_member = report.count_on("member", t_cut) - report.count_on("member", t_back);
+    eprintln!(
+        "committed {} (member {on_member}), uncertain {}, errors {}, pause at cutover {:?}, at rollback {:?}",
+        report.committed.len(),
+        report.uncertain.len(),
+        report.other_errors,
+        report.longest_gap(t_cut, cut_done),
+        report.longest_gap(t_back, back_done)
+    );
+    assert!(on_member >= 50, "writers wrote {on_member} transactions on the member");
+    // After the rollback the hub → member capture met the member's writes that the
+    // reverse direction applied to the hub, and dropped them.
+    let echoes = metric(
+        rig.metrics_port,
+        "switchback_capture_echoes_dropped_total",
+        "hub_to_member",
+    );
+    assert!(echoes > 0.0, "no echo was dropped by the hub → member capture");
+    run.sigint_and_wait();
+}
