@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 use switchback_tests::cutover::{start_writers, WriterReport};
 use switchback_tests::{
-    by_scale, hub, member, quote_literal, unique, wait_until, Cluster, ClusterOptions, Pipeline,
+    by_scale, hub, member, unique, wait_until, Cluster, ClusterOptions, Pipeline,
     Spawned,
 };
 
@@ -60,14 +60,13 @@ fn bench_equal(hdb: &str, mdb: &str) -> Result<(), String> {
 
 /// Drains: waits until every pgbench table is equal on both sides.
 fn wait_equal(hdb: &str, mdb: &str, run: &mut Spawned) {
-    let mut last = String::new();
     let deadline = Instant::now() + 2 * MINUTE;
     loop {
         run.assert_running();
-        match bench_equal(hdb, mdb) {
+        let last = match bench_equal(hdb, mdb) {
             Ok(()) => return,
-            Err(e) => last = e,
-        }
+            Err(e) => e,
+        };
         assert!(
             Instant::now() < deadline,
             "hub and member still differ after the drain:\n{last}\nrun log:\n{}",
@@ -237,9 +236,25 @@ impl Rig {
         }
     }
 
+    /// Waits until `run` streams in the recorded direction (after a switch it
+    /// restarts; a switch right away would rightly be refused by preflight).
+    fn wait_streaming(&self, run: &mut Spawned) {
+        let (c, slot) = if self.state()["direction"] == "member_to_hub" {
+            (member(), format!("{}_rev", self.pipe.slot()))
+        } else {
+            (hub(), self.pipe.slot())
+        };
+        wait_until(MINUTE, &format!("run to stream from {slot}"), || {
+            run.assert_running();
+            c.slot(&slot).is_some_and(|s| s.active)
+        });
+    }
+
     /// `switchback <cmd>` to completion; asserts success; returns stdout.
     fn switch(&self, cmd: &str, run: &mut Spawned) -> String {
-        run.assert_running();
+        if self.state()["switch"].is_null() {
+            self.wait_streaming(run);
+        }
         let out = self.pipe.run(&[cmd]);
         let stdout = String::from_utf8_lossy(&out.stdout).to_string();
         assert!(
@@ -254,7 +269,8 @@ impl Rig {
     }
 
     /// `switchback <cmd>` paused (test hook) right after `step`, then killed -9.
-    fn kill_after(&self, cmd: &str, step: &str) {
+    fn kill_after(&self, cmd: &str, step: &str, run: &mut Spawned) {
+        self.wait_streaming(run);
         let log = self.pipe.dir().join(format!("{cmd}-pause-{step}-{}.log", unique()));
         let f = std::fs::File::create(&log).unwrap();
         let child = self
@@ -352,4 +368,139 @@ fn rollback_loses_nothing() {
     );
     assert!(echoes > 0.0, "no echo was dropped by the hub → member capture");
     run.sigint_and_wait();
+}
+
+/// Acceptance 3: `cutover` killed -9 after each of its steps, then run again: it
+/// says it resumes from that step and ends consistent (then `rollback` goes back,
+/// itself once killed and resumed). A `rollback` after a cutover killed before the
+/// switch undoes it instead. Writers run throughout; nothing is lost.
+#[test]
+fn kill9_cutover_resumes_or_undoes() {
+    let scale = 1;
+    let rig = Rig::new("cut_kill", scale, "");
+    let _slots = rig.drop_slots();
+    let mut run = rig.start_run();
+    let writers = rig.writers(2, scale);
+    let t0 = Instant::now();
+    wait_until(MINUTE, "writes on the hub", || writers.count_on("hub", t0) >= 20);
+    let steps = [
+        "started",
+        "fenced",
+        "marked",
+        "drained",
+        "sequences_synced",
+        "reverse_ready",
+        "switched",
+    ];
+    for (i, step) in steps.iter().enumerate() {
+        rig.kill_after("cutover", step, &mut run);
+        assert_eq!(rig.state()["switch"]["step"], *step, "the step is recorded before the kill");
+        let out = rig.switch("cutover", &mut run);
+        assert!(
+            out.contains(&format!("resuming the interrupted cutover after step {step}")),
+            "cutover did not say what it resumed:\n{out}"
+        );
+        assert_eq!(report_of(&out)["resumed_from"], *step);
+        let st = rig.state();
+        assert_eq!(st["direction"], "member_to_hub");
+        assert!(st["switch"].is_null(), "{st}");
+        assert_eq!(st["fenced"], serde_json::json!(["hub"]));
+        let t = Instant::now();
+        wait_until(MINUTE, "writes on the member", || writers.count_on("member", t) >= 20);
+        // Every other round, the rollback is killed too and resumed.
+        if i % 2 == 1 {
+            rig.kill_after("rollback", step, &mut run);
+        }
+        let out = rig.switch("rollback", &mut run);
+        if i % 2 == 1 {
+            assert!(out.contains(&format!("resuming the interrupted rollback after step {step}")), "{out}");
+        }
+        assert_eq!(rig.state()["direction"], "hub_to_member");
+        let t = Instant::now();
+        wait_until(MINUTE, "writes on the hub", || writers.count_on("hub", t) >= 20);
+    }
+    // Undo: a cutover killed after the drain, then `rollback`.
+    rig.kill_after("cutover", "drained", &mut run);
+    let out = rig.switch("rollback", &mut run);
+    assert!(
+        out.contains("undid the interrupted cutover (it had reached step drained)"),
+        "{out}"
+    );
+    let st = rig.state();
+    assert_eq!(st["direction"], "hub_to_member");
+    // The hub is open; the member keeps the fence of the last rollback.
+    assert!(st["switch"].is_null() && st["fenced"] == serde_json::json!(["member"]), "{st}");
+    assert_eq!(hub().query_value(&rig.hdb, "SHOW default_transaction_read_only"), "off");
+    assert_eq!(member().query_value(&rig.mdb, "SHOW default_transaction_read_only"), "on");
+    let t = Instant::now();
+    wait_until(MINUTE, "writes on the hub after the undo", || writers.count_on("hub", t) >= 20);
+
+    let report = writers.stop();
+    wait_equal(&rig.hdb, &rig.mdb, &mut run);
+    assert_nothing_lost(&rig.hdb, &rig.mdb, &report);
+    eprintln!(
+        "committed {}, uncertain {}, errors {}",
+        report.committed.len(),
+        report.uncertain.len(),
+        report.other_errors
+    );
+    run.sigint_and_wait();
+}
+
+/// Acceptance 5: preflight refuses with every reason at once — lag over the
+/// threshold (nothing streams from the slot), a member with wal_level = replica,
+/// and a reverse mapping that cannot be built (a member column the hub lacks).
+#[test]
+fn preflight_refuses_with_every_reason() {
+    let replica = Cluster::new_dedicated("member_replica", ClusterOptions::default().wal_level("replica"));
+    let hdb = hub().create_db("cut_pre");
+    let mdb = replica.create_db("cut_pre");
+    let ddl = "CREATE TABLE items (id bigint GENERATED BY DEFAULT AS IDENTITY PRIMARY KEY, v text)";
+    hub().psql(&hdb, ddl);
+    replica.psql(&mdb, ddl);
+    replica.psql(&mdb, "ALTER TABLE items ADD COLUMN only_on_member int");
+    let pipe = Pipeline::new(
+        "cut_pre",
+        &hub().url(&hdb),
+        &replica.url(&mdb),
+        "[cutover]\nmax_lag_bytes = 4096\n",
+    );
+    let _slots = DropSlots { slot: pipe.slot() };
+    // Capture creates the slot, then stops: the hub's writes pile up behind it.
+    let mut cap = pipe.spawn(&["capture"]);
+    let slot = pipe.slot();
+    wait_until(MINUTE, "capture to stream", || {
+        cap.assert_running();
+        hub().slot(&slot).is_some_and(|s| s.active && s.confirmed_flush.is_some())
+    });
+    cap.sigint_and_wait();
+    hub().psql(&hdb, "INSERT INTO items (v) SELECT md5(i::text) FROM generate_series(1, 2000) i");
+
+    for args in [&["cutover"][..], &["cutover", "--dry-run"][..]] {
+        let out = pipe.run(args);
+        let err = String::from_utf8_lossy(&out.stderr).to_string();
+        assert!(!out.status.success(), "{args:?} should refuse:\n{err}");
+        for want in [
+            "cutover refused",
+            "over [cutover] max_lag_bytes = 4096",
+            "nothing streams from slot",
+            "the member has wal_level = replica",
+            "column public.items.only_on_member of the member has no column on the hub",
+        ] {
+            assert!(err.contains(want), "{args:?}: missing {want:?} in:\n{err}");
+        }
+    }
+    // Nothing was changed: no state, no fence.
+    let mut p = pipe.queue_path().into_os_string();
+    p.push(".state.json");
+    assert!(!PathBuf::from(p).exists(), "a refused cutover recorded state");
+    assert_eq!(
+        hub().query_value(&hdb, "SHOW default_transaction_read_only"),
+        "off",
+        "a refused cutover fenced the hub"
+    );
+    // A rollback has nothing to roll back.
+    let out = pipe.run(&["rollback"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("nothing to roll back"));
 }
