@@ -12,8 +12,7 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 use switchback_tests::cutover::{start_writers, WriterReport};
 use switchback_tests::{
-    by_scale, hub, member, unique, wait_until, Cluster, ClusterOptions, Pipeline,
-    Spawned,
+    by_scale, hub, member, unique, wait_until, Cluster, ClusterOptions, Pipeline, Spawned,
 };
 
 const MINUTE: Duration = Duration::from_secs(60);
@@ -80,7 +79,10 @@ fn wait_equal(hdb: &str, mdb: &str, run: &mut Spawned) {
 fn history_ids(c: &Cluster, db: &str) -> BTreeMap<String, u32> {
     let mut m = BTreeMap::new();
     for l in c
-        .psql(db, "SELECT trim(filler) FROM pgbench_history WHERE filler IS NOT NULL")
+        .psql(
+            db,
+            "SELECT trim(filler) FROM pgbench_history WHERE filler IS NOT NULL",
+        )
         .lines()
     {
         *m.entry(l.to_string()).or_insert(0) += 1;
@@ -95,11 +97,18 @@ fn assert_nothing_lost(hdb: &str, mdb: &str, report: &WriterReport) {
     let m = history_ids(member(), mdb);
     let dup_h: Vec<_> = h.iter().filter(|(_, n)| **n > 1).collect();
     let dup_m: Vec<_> = m.iter().filter(|(_, n)| **n > 1).collect();
-    assert!(dup_h.is_empty() && dup_m.is_empty(), "duplicated history rows: hub {dup_h:?} member {dup_m:?}");
+    assert!(
+        dup_h.is_empty() && dup_m.is_empty(),
+        "duplicated history rows: hub {dup_h:?} member {dup_m:?}"
+    );
     let hk: BTreeSet<&String> = h.keys().collect();
     let mk: BTreeSet<&String> = m.keys().collect();
     assert_eq!(hk, mk, "hub and member hold different pgbench_history rows");
-    let missing: Vec<&String> = report.committed.iter().filter(|id| !hk.contains(id)).collect();
+    let missing: Vec<&String> = report
+        .committed
+        .iter()
+        .filter(|id| !hk.contains(id))
+        .collect();
     assert!(
         missing.is_empty(),
         "{} committed transactions are missing (first: {:?})",
@@ -134,7 +143,10 @@ struct DropSlots {
 
 impl Drop for DropSlots {
     fn drop(&mut self) {
-        for (c, slot) in [(hub(), self.slot.clone()), (member(), format!("{}_rev", self.slot))] {
+        for (c, slot) in [
+            (hub(), self.slot.clone()),
+            (member(), format!("{}_rev", self.slot)),
+        ] {
             let deadline = Instant::now() + Duration::from_secs(10);
             while c.slot(&slot).is_some_and(|s| s.active) && Instant::now() < deadline {
                 std::thread::sleep(Duration::from_millis(50));
@@ -271,7 +283,10 @@ impl Rig {
     /// `switchback <cmd>` paused (test hook) right after `step`, then killed -9.
     fn kill_after(&self, cmd: &str, step: &str, run: &mut Spawned) {
         self.wait_streaming(run);
-        let log = self.pipe.dir().join(format!("{cmd}-pause-{step}-{}.log", unique()));
+        let log = self
+            .pipe
+            .dir()
+            .join(format!("{cmd}-pause-{step}-{}.log", unique()));
         let f = std::fs::File::create(&log).unwrap();
         let child = self
             .pipe
@@ -289,7 +304,10 @@ impl Rig {
         };
         wait_until(MINUTE, &format!("{cmd} to pause after {step}"), || {
             if let Some(st) = s.try_wait() {
-                panic!("{cmd} exited ({st}) before pausing after {step}:\n{}", s.log_text());
+                panic!(
+                    "{cmd} exited ({st}) before pausing after {step}:\n{}",
+                    s.log_text()
+                );
             }
             s.log_text().contains(&format!("paused after step {step}"))
         });
@@ -316,12 +334,21 @@ fn rollback_loses_nothing() {
     let mut run = rig.start_run();
     let writers = rig.writers(4, scale);
     let t0 = Instant::now();
-    wait_until(MINUTE, "writes on the hub", || writers.count_on("hub", t0) >= 100);
+    wait_until(MINUTE, "writes on the hub", || {
+        writers.count_on("hub", t0) >= 100
+    });
 
     let dry = rig.pipe.run_ok(&["cutover", "--dry-run"]);
     let dry = String::from_utf8_lossy(&dry.stdout).to_string();
-    assert!(dry.contains("cutover plan") && dry.contains("fence the hub"), "{dry}");
-    assert_eq!(rig.state()["direction"], "hub_to_member", "a dry run changes nothing");
+    assert!(
+        dry.contains("cutover plan") && dry.contains("fence the hub"),
+        "{dry}"
+    );
+    assert_eq!(
+        rig.state()["direction"],
+        "hub_to_member",
+        "a dry run changes nothing"
+    );
 
     let t_cut = Instant::now();
     let out = rig.switch("cutover", &mut run);
@@ -336,15 +363,19 @@ fn rollback_loses_nothing() {
             .any(|m| m["sequence"] == "public.pgbench_history_hid_seq"),
         "the serial sequence moved forward: {rep}"
     );
-    wait_until(MINUTE, "writes on the member", || writers.count_on("member", t_cut) >= 50);
+    wait_until(MINUTE, "writes on the member", || {
+        writers.count_on("member", t_cut) >= 50
+    });
     std::thread::sleep(Duration::from_secs(by_scale(5, 30))); // the member's write period
-    // The member's writes reach the hub (reverse direction).
+                                                              // The member's writes reach the hub (reverse direction).
     let t_back = Instant::now();
     let out = rig.switch("rollback", &mut run);
     let back_done = Instant::now();
     assert_eq!(rig.state()["direction"], "hub_to_member");
     assert_eq!(report_of(&out)["kind"], "rollback");
-    wait_until(MINUTE, "writes on the hub again", || writers.count_on("hub", t_back) >= 50);
+    wait_until(MINUTE, "writes on the hub again", || {
+        writers.count_on("hub", t_back) >= 50
+    });
     std::thread::sleep(Duration::from_secs(by_scale(5, 30))); // the hub's write period
     let report = writers.stop();
     wait_equal(&rig.hdb, &rig.mdb, &mut run);
@@ -358,7 +389,10 @@ fn rollback_loses_nothing() {
         report.longest_gap(t_cut, cut_done),
         report.longest_gap(t_back, back_done)
     );
-    assert!(on_member >= 50, "writers wrote {on_member} transactions on the member");
+    assert!(
+        on_member >= 50,
+        "writers wrote {on_member} transactions on the member"
+    );
     // After the rollback the hub → member capture met the member's writes that the
     // reverse direction applied to the hub, and dropped them.
     let echoes = metric(
@@ -366,7 +400,10 @@ fn rollback_loses_nothing() {
         "switchback_capture_echoes_dropped_total",
         "hub_to_member",
     );
-    assert!(echoes > 0.0, "no echo was dropped by the hub → member capture");
+    assert!(
+        echoes > 0.0,
+        "no echo was dropped by the hub → member capture"
+    );
     run.sigint_and_wait();
 }
 
@@ -382,7 +419,9 @@ fn kill9_cutover_resumes_or_undoes() {
     let mut run = rig.start_run();
     let writers = rig.writers(2, scale);
     let t0 = Instant::now();
-    wait_until(MINUTE, "writes on the hub", || writers.count_on("hub", t0) >= 20);
+    wait_until(MINUTE, "writes on the hub", || {
+        writers.count_on("hub", t0) >= 20
+    });
     let steps = [
         "started",
         "fenced",
@@ -394,10 +433,16 @@ fn kill9_cutover_resumes_or_undoes() {
     ];
     for (i, step) in steps.iter().enumerate() {
         rig.kill_after("cutover", step, &mut run);
-        assert_eq!(rig.state()["switch"]["step"], *step, "the step is recorded before the kill");
+        assert_eq!(
+            rig.state()["switch"]["step"],
+            *step,
+            "the step is recorded before the kill"
+        );
         let out = rig.switch("cutover", &mut run);
         assert!(
-            out.contains(&format!("resuming the interrupted cutover after step {step}")),
+            out.contains(&format!(
+                "resuming the interrupted cutover after step {step}"
+            )),
             "cutover did not say what it resumed:\n{out}"
         );
         assert_eq!(report_of(&out)["resumed_from"], *step);
@@ -406,18 +451,27 @@ fn kill9_cutover_resumes_or_undoes() {
         assert!(st["switch"].is_null(), "{st}");
         assert_eq!(st["fenced"], serde_json::json!(["hub"]));
         let t = Instant::now();
-        wait_until(MINUTE, "writes on the member", || writers.count_on("member", t) >= 20);
+        wait_until(MINUTE, "writes on the member", || {
+            writers.count_on("member", t) >= 20
+        });
         // Every other round, the rollback is killed too and resumed.
         if i % 2 == 1 {
             rig.kill_after("rollback", step, &mut run);
         }
         let out = rig.switch("rollback", &mut run);
         if i % 2 == 1 {
-            assert!(out.contains(&format!("resuming the interrupted rollback after step {step}")), "{out}");
+            assert!(
+                out.contains(&format!(
+                    "resuming the interrupted rollback after step {step}"
+                )),
+                "{out}"
+            );
         }
         assert_eq!(rig.state()["direction"], "hub_to_member");
         let t = Instant::now();
-        wait_until(MINUTE, "writes on the hub", || writers.count_on("hub", t) >= 20);
+        wait_until(MINUTE, "writes on the hub", || {
+            writers.count_on("hub", t) >= 20
+        });
     }
     // Undo: a cutover killed after the drain, then `rollback`.
     rig.kill_after("cutover", "drained", &mut run);
@@ -429,11 +483,22 @@ fn kill9_cutover_resumes_or_undoes() {
     let st = rig.state();
     assert_eq!(st["direction"], "hub_to_member");
     // The hub is open; the member keeps the fence of the last rollback.
-    assert!(st["switch"].is_null() && st["fenced"] == serde_json::json!(["member"]), "{st}");
-    assert_eq!(hub().query_value(&rig.hdb, "SHOW default_transaction_read_only"), "off");
-    assert_eq!(member().query_value(&rig.mdb, "SHOW default_transaction_read_only"), "on");
+    assert!(
+        st["switch"].is_null() && st["fenced"] == serde_json::json!(["member"]),
+        "{st}"
+    );
+    assert_eq!(
+        hub().query_value(&rig.hdb, "SHOW default_transaction_read_only"),
+        "off"
+    );
+    assert_eq!(
+        member().query_value(&rig.mdb, "SHOW default_transaction_read_only"),
+        "on"
+    );
     let t = Instant::now();
-    wait_until(MINUTE, "writes on the hub after the undo", || writers.count_on("hub", t) >= 20);
+    wait_until(MINUTE, "writes on the hub after the undo", || {
+        writers.count_on("hub", t) >= 20
+    });
 
     let report = writers.stop();
     wait_equal(&rig.hdb, &rig.mdb, &mut run);
@@ -452,7 +517,10 @@ fn kill9_cutover_resumes_or_undoes() {
 /// and a reverse mapping that cannot be built (a member column the hub lacks).
 #[test]
 fn preflight_refuses_with_every_reason() {
-    let replica = Cluster::new_dedicated("member_replica", ClusterOptions::default().wal_level("replica"));
+    let replica = Cluster::new_dedicated(
+        "member_replica",
+        ClusterOptions::default().wal_level("replica"),
+    );
     let hdb = hub().create_db("cut_pre");
     let mdb = replica.create_db("cut_pre");
     let ddl = "CREATE TABLE items (id bigint GENERATED BY DEFAULT AS IDENTITY PRIMARY KEY, v text)";
@@ -471,10 +539,15 @@ fn preflight_refuses_with_every_reason() {
     let slot = pipe.slot();
     wait_until(MINUTE, "capture to stream", || {
         cap.assert_running();
-        hub().slot(&slot).is_some_and(|s| s.active && s.confirmed_flush.is_some())
+        hub()
+            .slot(&slot)
+            .is_some_and(|s| s.active && s.confirmed_flush.is_some())
     });
     cap.sigint_and_wait();
-    hub().psql(&hdb, "INSERT INTO items (v) SELECT md5(i::text) FROM generate_series(1, 2000) i");
+    hub().psql(
+        &hdb,
+        "INSERT INTO items (v) SELECT md5(i::text) FROM generate_series(1, 2000) i",
+    );
 
     for args in [&["cutover"][..], &["cutover", "--dry-run"][..]] {
         let out = pipe.run(args);
@@ -493,7 +566,10 @@ fn preflight_refuses_with_every_reason() {
     // Nothing was changed: no state, no fence.
     let mut p = pipe.queue_path().into_os_string();
     p.push(".state.json");
-    assert!(!PathBuf::from(p).exists(), "a refused cutover recorded state");
+    assert!(
+        !PathBuf::from(p).exists(),
+        "a refused cutover recorded state"
+    );
     assert_eq!(
         hub().query_value(&hdb, "SHOW default_transaction_read_only"),
         "off",
@@ -518,12 +594,20 @@ fn cutover_write_pause() {
     let mut pauses = Vec::new();
     for _ in 0..5 {
         let t = Instant::now();
-        wait_until(MINUTE, "writes on the hub", || writers.count_on("hub", t) >= 200);
+        wait_until(MINUTE, "writes on the hub", || {
+            writers.count_on("hub", t) >= 200
+        });
         let t_cut = Instant::now();
         let out = rig.switch("cutover", &mut run);
         let done = Instant::now();
-        wait_until(MINUTE, "writes on the member", || writers.count_on("member", done) >= 200);
-        pauses.push((t_cut, done, report_of(&out)["write_pause_ms"].as_u64().unwrap()));
+        wait_until(MINUTE, "writes on the member", || {
+            writers.count_on("member", done) >= 200
+        });
+        pauses.push((
+            t_cut,
+            done,
+            report_of(&out)["write_pause_ms"].as_u64().unwrap(),
+        ));
         rig.switch("rollback", &mut run);
     }
     let report = writers.stop();
@@ -541,7 +625,10 @@ fn cutover_write_pause() {
     wait_equal(&rig.hdb, &rig.mdb, &mut run);
     assert_nothing_lost(&rig.hdb, &rig.mdb, &report);
     // Target: under 1 s. The bound leaves room for a loaded 2-core test machine.
-    assert!(median < Duration::from_secs(1), "median write pause {median:?}");
+    assert!(
+        median < Duration::from_secs(1),
+        "median write pause {median:?}"
+    );
     assert!(max < Duration::from_secs(3), "max write pause {max:?}");
     run.sigint_and_wait();
 }

@@ -68,15 +68,24 @@ pub fn start_writers(
     let mut handles = Vec::new();
     for c in 0..clients {
         let (stop, live) = (stop.clone(), live.clone());
-        let (hub_url, member_url, primary_file) =
-            (hub_url.to_string(), member_url.to_string(), primary_file.clone());
+        let (hub_url, member_url, primary_file) = (
+            hub_url.to_string(),
+            member_url.to_string(),
+            primary_file.clone(),
+        );
         handles.push(std::thread::spawn(move || {
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()
                 .unwrap();
             rt.block_on(client_loop(
-                c, stop, live, hub_url, member_url, primary_file, scale,
+                c,
+                stop,
+                live,
+                hub_url,
+                member_url,
+                primary_file,
+                scale,
             ));
         }));
     }
@@ -118,7 +127,11 @@ async fn client_loop(
             let side = std::fs::read_to_string(&primary_file)
                 .map(|s| s.trim().to_string())
                 .unwrap_or_else(|_| "hub".into());
-            let url = if side == "member" { &member_url } else { &hub_url };
+            let url = if side == "member" {
+                &member_url
+            } else {
+                &hub_url
+            };
             match tokio_postgres::connect(url, tokio_postgres::NoTls).await {
                 Ok((client, c)) => {
                     tokio::spawn(async move {
@@ -165,17 +178,18 @@ async fn client_loop(
                 l.successes.push((Instant::now(), side.clone()));
             }
             Err((e, during_commit)) => {
-                let mut l = live.lock().unwrap();
-                if e.code() == Some(&tokio_postgres::error::SqlState::UNIQUE_VIOLATION) {
-                    l.duplicate_key_errors += 1;
-                    eprintln!("writer c{id}: duplicate key on the {side}: {e}");
-                } else {
-                    l.other_errors += 1;
+                {
+                    let mut l = live.lock().unwrap();
+                    if e.code() == Some(&tokio_postgres::error::SqlState::UNIQUE_VIOLATION) {
+                        l.duplicate_key_errors += 1;
+                        eprintln!("writer c{id}: duplicate key on the {side}: {e}");
+                    } else {
+                        l.other_errors += 1;
+                    }
+                    if during_commit && e.code().is_none() {
+                        l.uncertain.push(tx_id);
+                    }
                 }
-                if during_commit && e.code().is_none() {
-                    l.uncertain.push(tx_id);
-                }
-                drop(l);
                 conn = None;
                 tokio::time::sleep(Duration::from_millis(1)).await;
             }

@@ -172,8 +172,7 @@ pub async fn session<Q: QueueWriter + Send>(
     };
 
     let mut decoder = Decoder::new(plan.proto_version, false);
-    let mut asm =
-        Assembler::new(cfg.capture.chunk_bytes).with_echo_filter(Some(cfg.echo_origin()));
+    let mut asm = Assembler::new(cfg.capture.chunk_bytes).with_echo_filter(Some(cfg.echo_origin()));
     // Highest end position handled (stored, empty or duplicate) since the last flush.
     let mut handled: Option<Lsn> = None;
     let mut unflushed_commits = 0usize;

@@ -283,7 +283,9 @@ async fn run_direction(
     let cap_res = cap_res.context("capture task panicked")?;
     let apply_res = apply_res.context("apply task panicked")?;
     match (cap_res, apply_res) {
-        (Err(e), _) => Err(anyhow::Error::new(e).context(format!("capture ({direction}) cannot continue"))),
+        (Err(e), _) => {
+            Err(anyhow::Error::new(e).context(format!("capture ({direction}) cannot continue")))
+        }
         (_, Err(e)) => Err(anyhow::Error::new(e).context(format!(
             "apply ({direction}) cannot continue; the queue keeps every transaction not applied"
         ))),

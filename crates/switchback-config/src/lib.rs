@@ -407,7 +407,8 @@ impl Config {
         }
         if self.cutover.fence == FenceKind::RevokeConnect && self.cutover.fence_roles.is_empty() {
             return Err(ConfigError::Invalid(
-                "[cutover] fence = \"revoke-connect\" needs fence_roles (the application roles)".into(),
+                "[cutover] fence = \"revoke-connect\" needs fence_roles (the application roles)"
+                    .into(),
             ));
         }
         if self.cutover.fence == FenceKind::Hook && self.cutover.fence_hook.is_none() {

@@ -62,7 +62,12 @@ pub async fn fence(cfg: &Config, side: Side, s: &Session) -> Result<(), CutoverE
         }
         FenceKind::RevokeConnect => {
             let db = database(s).await?;
-            let roles: Vec<String> = cfg.cutover.fence_roles.iter().map(|r| quote_ident(r)).collect();
+            let roles: Vec<String> = cfg
+                .cutover
+                .fence_roles
+                .iter()
+                .map(|r| quote_ident(r))
+                .collect();
             s.client
                 .batch_execute(&format!(
                     "REVOKE CONNECT ON DATABASE {} FROM {}",
@@ -98,7 +103,12 @@ pub async fn unfence(cfg: &Config, side: Side, s: &Session) -> Result<(), Cutove
         }
         FenceKind::RevokeConnect => {
             let db = database(s).await?;
-            let roles: Vec<String> = cfg.cutover.fence_roles.iter().map(|r| quote_ident(r)).collect();
+            let roles: Vec<String> = cfg
+                .cutover
+                .fence_roles
+                .iter()
+                .map(|r| quote_ident(r))
+                .collect();
             s.client
                 .batch_execute(&format!(
                     "GRANT CONNECT ON DATABASE {} TO {}",
@@ -143,7 +153,10 @@ pub async fn check(cfg: &Config, side: Side, s: &Session) -> Result<Vec<String>,
         for r in &cfg.cutover.fence_roles {
             let row = s
                 .client
-                .query_one("SELECT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = $1)", &[r])
+                .query_one(
+                    "SELECT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = $1)",
+                    &[r],
+                )
                 .await
                 .map_err(|e| s.err(e))?;
             if !row.get::<_, bool>(0) {

@@ -45,7 +45,10 @@ use crate::state::{PipelineState, Side, Step, SwitchKind, SwitchProgress, Switch
 #[derive(Debug, thiserror::Error)]
 pub enum CutoverError {
     #[error("{kind} refused:\n  - {}", reasons.join("\n  - "))]
-    Refused { kind: &'static str, reasons: Vec<String> },
+    Refused {
+        kind: &'static str,
+        reasons: Vec<String>,
+    },
     #[error(transparent)]
     Pg(Box<PgError>),
     #[error("{0}")]
@@ -67,7 +70,10 @@ pub enum Outcome {
     Planned(Vec<String>),
     Completed(SwitchReport),
     /// An interrupted switch of the other kind was undone.
-    Undone { kind: SwitchKind, step: Step },
+    Undone {
+        kind: SwitchKind,
+        step: Step,
+    },
 }
 
 fn now_ms() -> u64 {
@@ -85,13 +91,20 @@ fn configs(cfg: &Config, kind: SwitchKind) -> (Config, Config) {
     (src, dst)
 }
 
-async fn connect(pg: Result<tokio_postgres::Config, switchback_config::ConfigError>, side: Side) -> Result<Session, CutoverError> {
+async fn connect(
+    pg: Result<tokio_postgres::Config, switchback_config::ConfigError>,
+    side: Side,
+) -> Result<Session, CutoverError> {
     let pg = pg.map_err(|e| CutoverError::Failed(e.to_string()))?;
     Ok(hub::connect(&pg, side.as_str()).await?)
 }
 
 /// Columns of the tables on one side (those matching `[tables]` when `scoped`).
-async fn table_columns(s: &Session, cfg: &Config, scoped: bool) -> Result<mapping::Tables, CutoverError> {
+async fn table_columns(
+    s: &Session,
+    cfg: &Config,
+    scoped: bool,
+) -> Result<mapping::Tables, CutoverError> {
     let rows = s
         .client
         .query(
@@ -112,10 +125,12 @@ async fn table_columns(s: &Session, cfg: &Config, scoped: bool) -> Result<mappin
         if scoped && !cfg.tables.matches(&schema, &table) {
             continue;
         }
-        out.entry((schema, table)).or_default().push(mapping::ColumnInfo {
-            name: r.get(2),
-            required: r.get(3),
-        });
+        out.entry((schema, table))
+            .or_default()
+            .push(mapping::ColumnInfo {
+                name: r.get(2),
+                required: r.get(3),
+            });
     }
     Ok(out)
 }
@@ -140,14 +155,20 @@ pub async fn preflight(cfg: &Config, kind: SwitchKind) -> Result<Vec<String>, Cu
     let old_s = match connect(src.hub_pg(), old).await {
         Ok(s) => Some(s),
         Err(e) => {
-            reasons.push(format!("the {} (old primary) is not reachable: {e}", old.as_str()));
+            reasons.push(format!(
+                "the {} (old primary) is not reachable: {e}",
+                old.as_str()
+            ));
             None
         }
     };
     let new_s = match connect(src.member_pg(), new).await {
         Ok(s) => Some(s),
         Err(e) => {
-            reasons.push(format!("the {} (new primary) is not reachable: {e}", new.as_str()));
+            reasons.push(format!(
+                "the {} (new primary) is not reachable: {e}",
+                new.as_str()
+            ));
             None
         }
     };
@@ -206,7 +227,12 @@ pub async fn preflight(cfg: &Config, kind: SwitchKind) -> Result<Vec<String>, Cu
         // After the switch rows flow new primary → old primary.
         let source = table_columns(n, &dst, true).await?;
         let target = table_columns(o, &dst, false).await?;
-        reasons.extend(mapping::check_direction(&source, &target, new.as_str(), old.as_str()));
+        reasons.extend(mapping::check_direction(
+            &source,
+            &target,
+            new.as_str(),
+            old.as_str(),
+        ));
     }
     Ok(reasons)
 }
@@ -215,16 +241,39 @@ fn plan(cfg: &Config, kind: SwitchKind) -> Vec<String> {
     let (src, dst) = configs(cfg, kind);
     let (old, new) = (kind.old_primary().as_str(), kind.new_primary().as_str());
     vec![
-        format!("1. preflight: lag under {} bytes, {new} wal_level = logical, reverse mapping, fence", cfg.cutover.max_lag_bytes),
-        format!("2. fence the {old} ({:?}) and end its application sessions", cfg.cutover.fence),
+        format!(
+            "1. preflight: lag under {} bytes, {new} wal_level = logical, reverse mapping, fence",
+            cfg.cutover.max_lag_bytes
+        ),
+        format!(
+            "2. fence the {old} ({:?}) and end its application sessions",
+            cfg.cutover.fence
+        ),
         format!("3. write the fence marker on the {old}; its LSN is the fence LSN"),
-        format!("4. wait until origin {} on the {new} passes the fence LSN (at most {} ms, else undo)", src.origin_name(), cfg.cutover.drain_timeout_ms),
-        format!("5. move sequences forward on the {new} (last_value + {})", cfg.cutover.sequence_margin),
-        format!("6. create publication and slot {} on the {new}", dst.slot_name()),
-        format!("7. record direction {} (switchback run follows it)", dst.direction.as_str()),
+        format!(
+            "4. wait until origin {} on the {new} passes the fence LSN (at most {} ms, else undo)",
+            src.origin_name(),
+            cfg.cutover.drain_timeout_ms
+        ),
+        format!(
+            "5. move sequences forward on the {new} (last_value + {})",
+            cfg.cutover.sequence_margin
+        ),
+        format!(
+            "6. create publication and slot {} on the {new}",
+            dst.slot_name()
+        ),
+        format!(
+            "7. record direction {} (switchback run follows it)",
+            dst.direction.as_str()
+        ),
         format!(
             "8. open the {new}{}",
-            if cfg.cutover.open_hook.is_some() { " and run open_hook" } else { "" }
+            if cfg.cutover.open_hook.is_some() {
+                " and run open_hook"
+            } else {
+                ""
+            }
         ),
     ]
 }
@@ -233,7 +282,10 @@ fn plan(cfg: &Config, kind: SwitchKind) -> Vec<String> {
 /// right after the step is recorded, so a test can kill it -9 there.
 async fn maybe_pause(step: Step) {
     if std::env::var("SWITCHBACK_TEST_PAUSE_AFTER").ok().as_deref() == Some(step.as_str()) {
-        eprintln!("paused after step {} (SWITCHBACK_TEST_PAUSE_AFTER)", step.as_str());
+        eprintln!(
+            "paused after step {} (SWITCHBACK_TEST_PAUSE_AFTER)",
+            step.as_str()
+        );
         loop {
             tokio::time::sleep(Duration::from_secs(3600)).await;
         }
@@ -294,18 +346,27 @@ pub async fn switch(
                 p.step.as_str(),
                 p.kind.old_primary().as_str()
             ));
-            return Ok(Outcome::Undone { kind: p.kind, step: p.step });
+            return Ok(Outcome::Undone {
+                kind: p.kind,
+                step: p.step,
+            });
         }
         resumed_from = Some(p.step);
         say(format!(
             "resuming the interrupted {} after step {}{}",
             kind.as_str(),
             p.step.as_str(),
-            if p.step == Step::Started { " (nothing had changed yet)" } else { "" }
+            if p.step == Step::Started {
+                " (nothing had changed yet)"
+            } else {
+                ""
+            }
         ));
         if dry_run {
             let done = Step::ALL.iter().position(|s| *s == p.step).unwrap_or(0) + 1;
-            return Ok(Outcome::Planned(plan(cfg, kind).into_iter().skip(done).collect()));
+            return Ok(Outcome::Planned(
+                plan(cfg, kind).into_iter().skip(done).collect(),
+            ));
         }
     } else {
         if st.direction != kind.from_direction() {
@@ -319,7 +380,10 @@ pub async fn switch(
         }
         let reasons = preflight(cfg, kind).await?;
         if !reasons.is_empty() {
-            return Err(CutoverError::Refused { kind: kind.as_str(), reasons });
+            return Err(CutoverError::Refused {
+                kind: kind.as_str(),
+                reasons,
+            });
         }
         if dry_run {
             return Ok(Outcome::Planned(plan(cfg, kind)));
@@ -338,7 +402,8 @@ pub async fn switch(
         run.record(Step::Started).await?;
     }
     let report = steps(&mut run, kind, resumed_from).await?;
-    metrics::counter!(switchback_core::metric::SWITCHES_TOTAL, "kind" => kind.as_str()).increment(1);
+    metrics::counter!(switchback_core::metric::SWITCHES_TOTAL, "kind" => kind.as_str())
+        .increment(1);
     Ok(Outcome::Completed(report))
 }
 
@@ -356,7 +421,11 @@ async fn undo(run: &mut Run<'_>, kind: SwitchKind) -> Result<(), CutoverError> {
     Ok(())
 }
 
-async fn steps(run: &mut Run<'_>, kind: SwitchKind, resumed_from: Option<Step>) -> Result<SwitchReport, CutoverError> {
+async fn steps(
+    run: &mut Run<'_>,
+    kind: SwitchKind,
+    resumed_from: Option<Step>,
+) -> Result<SwitchReport, CutoverError> {
     let cfg = run.cfg;
     let (src, dst) = configs(cfg, kind);
     let (old, new) = (kind.old_primary(), kind.new_primary());
@@ -428,7 +497,12 @@ async fn steps(run: &mut Run<'_>, kind: SwitchKind, resumed_from: Option<Step>) 
         let moved = sequences::sync(&src, &old_s, &new_s).await?;
         // A resumed sync finds sequences already moved: keep the first report.
         for m in moved {
-            if !run.progress().sequences.iter().any(|s| s.sequence == m.sequence) {
+            if !run
+                .progress()
+                .sequences
+                .iter()
+                .any(|s| s.sequence == m.sequence)
+            {
                 run.progress().sequences.push(m);
             }
         }
@@ -437,7 +511,13 @@ async fn steps(run: &mut Run<'_>, kind: SwitchKind, resumed_from: Option<Step>) 
     if at(run) < Step::ReverseReady {
         switchback_capture::setup::prepare(&dst)
             .await
-            .map_err(|e| CutoverError::Failed(format!("preparing the {} direction on the {}: {e}", dst.direction.as_str(), new.as_str())))?;
+            .map_err(|e| {
+                CutoverError::Failed(format!(
+                    "preparing the {} direction on the {}: {e}",
+                    dst.direction.as_str(),
+                    new.as_str()
+                ))
+            })?;
         run.record(Step::ReverseReady).await?;
     }
     if at(run) < Step::Switched {
@@ -453,7 +533,15 @@ async fn steps(run: &mut Run<'_>, kind: SwitchKind, resumed_from: Option<Step>) 
     }
     if let Some(cmd) = cfg.cutover.open_hook.as_deref() {
         let epoch = run.st.epoch.to_string();
-        hooks::run_hook("open_hook", cmd, &[("SWITCHBACK_PRIMARY", new.as_str()), ("SWITCHBACK_EPOCH", &epoch)]).await?;
+        hooks::run_hook(
+            "open_hook",
+            cmd,
+            &[
+                ("SWITCHBACK_PRIMARY", new.as_str()),
+                ("SWITCHBACK_EPOCH", &epoch),
+            ],
+        )
+        .await?;
     }
     let p = run.st.switch.take().expect("switch in progress");
     let report = SwitchReport {

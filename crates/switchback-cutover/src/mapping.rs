@@ -86,17 +86,26 @@ mod tests {
     #[test]
     fn every_reason_is_reported() {
         let mut member = Tables::new();
-        member.insert(("public".into(), "a".into()), t(&[("id", true), ("extra", false)]));
+        member.insert(
+            ("public".into(), "a".into()),
+            t(&[("id", true), ("extra", false)]),
+        );
         member.insert(("public".into(), "b".into()), t(&[("id", true)]));
         let mut hub = Tables::new();
-        hub.insert(("public".into(), "a".into()), t(&[("id", true), ("must", true)]));
+        hub.insert(
+            ("public".into(), "a".into()),
+            t(&[("id", true), ("must", true)]),
+        );
         let r = check_direction(&member, &hub, "member", "hub");
         assert_eq!(r.len(), 3, "{r:#?}");
         assert!(r[0].contains("public.a.extra"));
         assert!(r[1].contains("public.a.must"));
         assert!(r[2].contains("public.b"));
         hub.insert(("public".into(), "b".into()), t(&[("id", true)]));
-        member.get_mut(&("public".into(), "a".into())).unwrap().pop();
+        member
+            .get_mut(&("public".into(), "a".into()))
+            .unwrap()
+            .pop();
         hub.get_mut(&("public".into(), "a".into())).unwrap().pop();
         assert!(check_direction(&member, &hub, "member", "hub").is_empty());
     }

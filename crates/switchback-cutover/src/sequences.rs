@@ -113,7 +113,10 @@ pub async fn sync(
             target
                 .client
                 .query_one(
-                    &format!("SELECT setval({}::regclass, $1, true)", switchback_core::quote_literal(&qualified)),
+                    &format!(
+                        "SELECT setval({}::regclass, $1, true)",
+                        switchback_core::quote_literal(&qualified)
+                    ),
                     &[&wanted],
                 )
                 .await

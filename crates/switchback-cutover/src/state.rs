@@ -222,15 +222,17 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("sb-state-{}", std::process::id()));
         let p = dir.join("q.state.json");
         assert_eq!(load(&p).unwrap(), PipelineState::default());
-        let mut st = PipelineState::default();
-        st.switch = Some(SwitchProgress {
-            kind: SwitchKind::Cutover,
-            step: Step::Marked,
-            fence_lsn: Some("0/16B3748".into()),
-            started_unix_ms: 1,
-            fenced_unix_ms: Some(2),
-            sequences: vec![],
-        });
+        let st = PipelineState {
+            switch: Some(SwitchProgress {
+                kind: SwitchKind::Cutover,
+                step: Step::Marked,
+                fence_lsn: Some("0/16B3748".into()),
+                started_unix_ms: 1,
+                fenced_unix_ms: Some(2),
+                sequences: vec![],
+            }),
+            ..PipelineState::default()
+        };
         save(&p, &st).unwrap();
         assert_eq!(load(&p).unwrap(), st);
         std::fs::write(&p, b"{").unwrap();
