@@ -55,8 +55,10 @@ pub struct Writers {
 }
 
 /// Starts `clients` writers. `urls` are the hub's and the member's database URLs;
-/// `primary_file` holds `hub` or `member`; `scale` is the pgbench scale.
+/// `primary_file` holds `hub` or `member`; `scale` is the pgbench scale; `tag`
+/// prefixes the transaction ids (distinct per set of writers).
 pub fn start_writers(
+    tag: &str,
     clients: usize,
     hub_url: &str,
     member_url: &str,
@@ -73,13 +75,14 @@ pub fn start_writers(
             member_url.to_string(),
             primary_file.clone(),
         );
+        let tag = tag.to_string();
         handles.push(std::thread::spawn(move || {
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()
                 .unwrap();
             rt.block_on(client_loop(
-                c,
+                format!("{tag}{c}"),
                 stop,
                 live,
                 hub_url,
@@ -111,7 +114,7 @@ impl Writers {
 }
 
 async fn client_loop(
-    id: usize,
+    id: String,
     stop: Arc<AtomicBool>,
     live: Arc<std::sync::Mutex<WriterReport>>,
     hub_url: String,
@@ -119,7 +122,7 @@ async fn client_loop(
     primary_file: PathBuf,
     scale: u32,
 ) {
-    let mut rng = fastrand::Rng::with_seed(id as u64 + 1);
+    let mut rng = fastrand::Rng::with_seed(id.bytes().fold(7u64, |h, b| h * 31 + b as u64));
     let mut n = 0u64;
     let mut conn: Option<(tokio_postgres::Client, String)> = None;
     while !stop.load(Ordering::SeqCst) {
@@ -147,7 +150,7 @@ async fn client_loop(
         }
         let (client, side) = conn.as_ref().unwrap();
         n += 1;
-        let tx_id = format!("c{id}-{n}");
+        let tx_id = format!("{id}-{n}");
         let (aid, tid, bid) = (
             rng.u32(1..=100_000 * scale),
             rng.u32(1..=10 * scale),
@@ -182,7 +185,7 @@ async fn client_loop(
                     let mut l = live.lock().unwrap();
                     if e.code() == Some(&tokio_postgres::error::SqlState::UNIQUE_VIOLATION) {
                         l.duplicate_key_errors += 1;
-                        eprintln!("writer c{id}: duplicate key on the {side}: {e}");
+                        eprintln!("writer {id}: duplicate key on the {side}: {e}");
                     } else {
                         l.other_errors += 1;
                     }

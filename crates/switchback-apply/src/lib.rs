@@ -222,6 +222,8 @@ struct Applier {
     replica_role: bool,
     /// Round trips of the current group sent and not read yet, oldest first.
     sent: std::collections::VecDeque<SentBatch>,
+    /// Active-active member → hub: the target (hub) wins conflicts; always careful.
+    hub_wins_reverse: bool,
 }
 
 /// A round trip sent to the member whose outcomes are not read yet.
@@ -331,6 +333,8 @@ impl Applier {
             stats: ApplyStatus::default(),
             replica_role,
             sent: Default::default(),
+            hub_wins_reverse: cfg.direction == switchback_config::Direction::MemberToHub
+                && cfg.cutover.mode == switchback_config::SyncMode::ActiveActive,
         })
     }
 
@@ -483,7 +487,8 @@ impl Applier {
                 }
                 continue;
             };
-            next_seq = match self.apply_group(queue, first.clone(), status, false).await {
+            let careful = self.hub_wins_reverse;
+            next_seq = match self.apply_group(queue, first.clone(), status, careful).await {
                 Err(ApplyError::Replay) => {
                     tracing::debug!("conflict on the fast path; replaying the group with upserts");
                     self.apply_group(queue, first, status, true).await?
@@ -586,7 +591,11 @@ impl Applier {
                                         t.header.end_lsn
                                     ))
                                 })?;
-                                let planned = sql::plan(&tg, change, careful)?;
+                                let planned = if self.hub_wins_reverse {
+                                    sql::plan_hub_wins_reverse(&tg, change)?
+                                } else {
+                                    sql::plan(&tg, change, careful)?
+                                };
                                 *ops.entry(planned.op).or_default() += 1;
                                 ctx.push((tg.clone(), planned.op, t.header.xid, t.header.end_lsn));
                                 let at = ctx.len() - 1;
