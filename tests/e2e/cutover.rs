@@ -643,15 +643,23 @@ fn active_active_no_echo_hub_wins() {
     let scale = 1;
     let rig = Rig::new("cut_aa", scale, "mode = \"active-active\"\n");
     // Disjoint history keys: the member's inserts never collide with the hub's.
-    member().psql(&rig.mdb, "SELECT setval('pgbench_history_hid_seq', 1000000000)");
+    member().psql(
+        &rig.mdb,
+        "SELECT setval('pgbench_history_hid_seq', 1000000000)",
+    );
     let _slots = rig.drop_slots();
     let mut run = rig.start_run();
     let rev = format!("{}_rev", rig.pipe.slot());
     wait_until(MINUTE, "the member → hub direction to stream", || {
         run.assert_running();
-        member().slot(&rev).is_some_and(|s| s.active && s.confirmed_flush.is_some())
+        member()
+            .slot(&rev)
+            .is_some_and(|s| s.active && s.confirmed_flush.is_some())
     });
-    let (fh, fm) = (rig.pipe.dir().join("to_hub"), rig.pipe.dir().join("to_member"));
+    let (fh, fm) = (
+        rig.pipe.dir().join("to_hub"),
+        rig.pipe.dir().join("to_member"),
+    );
     std::fs::write(&fh, "hub").unwrap();
     std::fs::write(&fm, "member").unwrap();
     let (hu, mu) = (hub().url(&rig.hdb), member().url(&rig.mdb));
@@ -661,7 +669,10 @@ fn active_active_no_echo_hub_wins() {
     std::thread::sleep(Duration::from_secs(by_scale(10, 60))); // the write period
     let rh = on_hub.stop();
     let rm = on_member.stop();
-    assert!(rh.count_on("hub", t0) > 100 && rm.count_on("member", t0) > 100, "too few writes");
+    assert!(
+        rh.count_on("hub", t0) > 100 && rm.count_on("member", t0) > 100,
+        "too few writes"
+    );
     wait_equal(&rig.hdb, &rig.mdb, &mut run);
     let h = history_ids(hub(), &rig.hdb);
     let m = history_ids(member(), &rig.mdb);
@@ -670,15 +681,29 @@ fn active_active_no_echo_hub_wins() {
     for id in rh.committed.iter().chain(rm.committed.iter()) {
         assert!(h.contains_key(id), "committed transaction {id} is missing");
     }
-    let echo_fwd = metric(rig.metrics_port, "switchback_capture_echoes_dropped_total", "hub_to_member");
-    let echo_rev = metric(rig.metrics_port, "switchback_capture_echoes_dropped_total", "member_to_hub");
+    let echo_fwd = metric(
+        rig.metrics_port,
+        "switchback_capture_echoes_dropped_total",
+        "hub_to_member",
+    );
+    let echo_rev = metric(
+        rig.metrics_port,
+        "switchback_capture_echoes_dropped_total",
+        "member_to_hub",
+    );
     let conflicts = metric(rig.metrics_port, "switchback_apply_conflicts_total", "kind");
     eprintln!(
         "active-active: hub {} member {} transactions; echoes dropped hub→member {echo_fwd}, member→hub {echo_rev}; conflicts {conflicts}",
         rh.committed.len(),
         rm.committed.len()
     );
-    assert!(echo_fwd > 0.0 && echo_rev > 0.0, "echoes were not dropped in both directions");
-    assert!(conflicts > 0.0, "writes to the same rows on both sides produced no conflict");
+    assert!(
+        echo_fwd > 0.0 && echo_rev > 0.0,
+        "echoes were not dropped in both directions"
+    );
+    assert!(
+        conflicts > 0.0,
+        "writes to the same rows on both sides produced no conflict"
+    );
     run.sigint_and_wait();
 }

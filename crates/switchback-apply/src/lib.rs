@@ -488,7 +488,10 @@ impl Applier {
                 continue;
             };
             let careful = self.hub_wins_reverse;
-            next_seq = match self.apply_group(queue, first.clone(), status, careful).await {
+            next_seq = match self
+                .apply_group(queue, first.clone(), status, careful)
+                .await
+            {
                 Err(ApplyError::Replay) => {
                     tracing::debug!("conflict on the fast path; replaying the group with upserts");
                     self.apply_group(queue, first, status, true).await?

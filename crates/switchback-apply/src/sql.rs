@@ -283,14 +283,23 @@ pub fn plan_hub_wins_reverse(t: &Target, change: Change) -> Result<Planned, Appl
             ))),
         }
     };
-    let unchanged = |v: &[Value]| -> Vec<bool> { (0..n).map(|i| v.get(i).is_some_and(Value::is_unchanged)).collect() };
+    let unchanged = |v: &[Value]| -> Vec<bool> {
+        (0..n)
+            .map(|i| v.get(i).is_some_and(Value::is_unchanged))
+            .collect()
+    };
     let (kind, new, old, op) = match change {
         Change::Insert { new, .. } => (Kind::InsertNothing, new, Vec::new(), "insert"),
         Change::Update { old, new, .. } => {
             let old = full_old(old, "update")?;
             (Kind::UpdateIfOld, new, old, "update")
         }
-        Change::Delete { old, .. } => (Kind::DeleteIfOld, Vec::new(), full_old(Some(old), "delete")?, "delete"),
+        Change::Delete { old, .. } => (
+            Kind::DeleteIfOld,
+            Vec::new(),
+            full_old(Some(old), "delete")?,
+            "delete",
+        ),
         Change::Truncate { .. } | Change::Message { .. } => {
             return Err(ApplyError::Data("internal: not a row change".into()))
         }
@@ -300,7 +309,11 @@ pub fn plan_hub_wins_reverse(t: &Target, change: Change) -> Result<Planned, Appl
             rel: t.hub.oid,
             kind,
             by_old: kind != Kind::InsertNothing,
-            skip_new: if kind == Kind::UpdateIfOld { unchanged(&new) } else { vec![false; n] },
+            skip_new: if kind == Kind::UpdateIfOld {
+                unchanged(&new)
+            } else {
+                vec![false; n]
+            },
             skip_old: unchanged(&old),
         },
         new,

@@ -35,7 +35,10 @@ pub async fn prepare(cfg: &Config) -> Result<Plan, CaptureError> {
         for t in tables.iter_mut().filter(|t| t.replica_identity != 'f') {
             session
                 .client
-                .batch_execute(&format!("ALTER TABLE {} REPLICA IDENTITY FULL", t.qualified()))
+                .batch_execute(&format!(
+                    "ALTER TABLE {} REPLICA IDENTITY FULL",
+                    t.qualified()
+                ))
                 .await
                 .map_err(|e| {
                     PgError::Setup(format!(
