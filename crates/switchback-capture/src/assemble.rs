@@ -525,3 +525,123 @@ impl Assembler {
         Ok(Step::Continue)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use switchback_pgoutput::RelationColumn;
+    use switchback_queue::QueueError;
+
+    use super::*;
+
+    /// Counts what reaches the queue.
+    #[derive(Default)]
+    struct Counting {
+        next: OpenId,
+        committed: Vec<TxnHeader>,
+        discarded: usize,
+    }
+
+    impl QueueWriter for Counting {
+        fn open(&mut self) -> OpenId {
+            self.next += 1;
+            self.next
+        }
+        fn append(&mut self, _: OpenId, _: u32, _: &[Record]) -> Result<(), QueueError> {
+            Ok(())
+        }
+        fn discard(&mut self, _: OpenId) -> Result<(), QueueError> {
+            self.discarded += 1;
+            Ok(())
+        }
+        fn discard_subxact(&mut self, _: OpenId, _: u32) -> Result<(), QueueError> {
+            Ok(())
+        }
+        fn commit(&mut self, _: OpenId, header: TxnHeader) -> Result<u64, QueueError> {
+            self.committed.push(header);
+            Ok(self.committed.len() as u64)
+        }
+        async fn flush(&mut self) -> Result<(), QueueError> {
+            Ok(())
+        }
+        fn last_end_lsn(&self) -> Option<Lsn> {
+            self.committed.last().map(|h| h.end_lsn)
+        }
+    }
+
+    fn txn(a: &mut Assembler, q: &mut Counting, xid: u32, lsn: u64, origin: Option<&str>) -> Step {
+        let mut msgs = vec![Message::Begin {
+            final_lsn: lsn,
+            commit_time: 0,
+            xid,
+        }];
+        if let Some(o) = origin {
+            msgs.push(Message::Origin {
+                commit_lsn: lsn,
+                name: o.into(),
+            });
+        }
+        msgs.push(Message::Relation {
+            xid: None,
+            oid: 1,
+            namespace: "public".into(),
+            name: "t".into(),
+            replica_identity: b'd',
+            columns: vec![RelationColumn {
+                flags: 1,
+                name: "id".into(),
+                type_oid: 23,
+                type_modifier: -1,
+            }],
+        });
+        msgs.push(Message::Insert {
+            xid: None,
+            oid: 1,
+            new: vec![TupleValue::Text(b"1".to_vec())],
+        });
+        msgs.push(Message::Commit {
+            flags: 0,
+            commit_lsn: lsn,
+            end_lsn: lsn + 8,
+            commit_time: 0,
+        });
+        let mut last = Step::Continue;
+        for m in msgs {
+            last = a.handle(q, m).unwrap();
+        }
+        last
+    }
+
+    #[test]
+    fn echoes_are_dropped_but_acknowledged() {
+        let mut q = Counting::default();
+        let mut a = Assembler::new(16 * 1024).with_echo_filter(Some("switchback_p_rev".into()));
+        // Written by the other direction's apply: dropped, its end still acknowledgeable.
+        assert_eq!(
+            txn(&mut a, &mut q, 10, 100, Some("switchback_p_rev")),
+            Step::Committed {
+                end_lsn: Lsn(108),
+                stored: false
+            }
+        );
+        assert_eq!(a.echoes, 1);
+        assert!(q.committed.is_empty());
+        // Another origin, and none: stored, the origin recorded.
+        assert_eq!(
+            txn(&mut a, &mut q, 11, 200, Some("someone_else")),
+            Step::Committed {
+                end_lsn: Lsn(208),
+                stored: true
+            }
+        );
+        assert_eq!(
+            txn(&mut a, &mut q, 12, 300, None),
+            Step::Committed {
+                end_lsn: Lsn(308),
+                stored: true
+            }
+        );
+        assert_eq!(q.committed.len(), 2);
+        assert_eq!(q.committed[0].origin.as_deref(), Some("someone_else"));
+        assert_eq!(a.echoes, 1);
+    }
+}

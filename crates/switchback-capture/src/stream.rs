@@ -85,6 +85,12 @@ pub async fn session<Q: QueueWriter + Send>(
     if plan.streaming {
         options.push(("streaming", "'on'".into()));
     }
+    if plan.server_version >= 160000 {
+        // Loop prevention on the server (PG16+): transactions that carry any
+        // replication origin (what a switchback apply wrote) are not sent. On PG15
+        // the Origin message is filtered here instead (see `Assembler::with_echo_filter`).
+        options.push(("origin", "'none'".into()));
+    }
     let (mut reader, mut writer) = client
         .start_replication(&plan.slot, start, &options)
         .await?;
