@@ -356,6 +356,13 @@ fn rollback_loses_nothing() {
     let cut_done = Instant::now();
     let rep = report_of(&out);
     assert_eq!(rig.state()["direction"], "member_to_hub");
+    let st: Value = serde_json::from_slice(&rig.pipe.run(&["status", "--json"]).stdout).unwrap();
+    assert_eq!(st["direction"], "member_to_hub");
+    assert_eq!(
+        st["slot"],
+        format!("{}_rev", rig.pipe.slot()),
+        "status follows the direction"
+    );
     assert!(
         rep["sequences"]
             .as_array()
@@ -438,6 +445,17 @@ fn kill9_cutover_resumes_or_undoes() {
             rig.state()["switch"]["step"],
             *step,
             "the step is recorded before the kill"
+        );
+        let st = rig.pipe.run(&["status", "--json"]);
+        let sj: Value = serde_json::from_slice(&st.stdout).expect("status JSON");
+        assert_eq!(
+            st.status.code(),
+            Some(3),
+            "status flags the interrupted switch"
+        );
+        assert_eq!(
+            sj["switch_in_progress"],
+            format!("cutover after step {step}")
         );
         let out = rig.switch("cutover", &mut run);
         assert!(
