@@ -28,21 +28,31 @@ async fn database(s: &Session) -> Result<String, CutoverError> {
 /// Ends the application sessions (waiting up to 5 s for each to be gone, so no
 /// transaction of theirs commits after the fence marker). Returns how many.
 async fn end_sessions(s: &Session, roles: Option<&[String]>) -> Result<i64, CutoverError> {
-    let sql = match roles {
-        None => format!(
-            "SELECT count(*) FILTER (WHERE pg_terminate_backend(pid, 5000)) FROM pg_stat_activity WHERE {APP_SESSIONS}"
-        ),
-        Some(_) => format!(
-            "SELECT count(*) FILTER (WHERE pg_terminate_backend(pid, 5000)) FROM pg_stat_activity \
-             WHERE {APP_SESSIONS} AND usename::text = ANY($1)"
-        ),
+    let filter = match roles {
+        None => APP_SESSIONS.to_string(),
+        Some(_) => format!("{APP_SESSIONS} AND usename::text = ANY($1)"),
     };
+    let sql = format!(
+        "SELECT count(*) FILTER (WHERE pg_terminate_backend(pid, 5000)), count(*) \
+         FROM pg_stat_activity WHERE {filter}"
+    );
     let row = match roles {
         None => s.client.query_one(&sql, &[]).await,
         Some(r) => s.client.query_one(&sql, &[&r]).await,
     }
     .map_err(|e| s.err(e))?;
-    Ok(row.get(0))
+    let (ended, total): (i64, i64) = (row.get(0), row.get(1));
+    if ended < total {
+        // A session still alive could commit after the fence marker: stop here;
+        // running the command again resumes with the fence.
+        return Err(CutoverError::Failed(format!(
+            "{}: {} application session(s) did not end within 5 s of pg_terminate_backend; \
+             the fence is not complete. Run the command again to retry (or `rollback` to undo)",
+            s.endpoint,
+            total - ended
+        )));
+    }
+    Ok(ended)
 }
 
 /// Fences `side` (reached through `session`).

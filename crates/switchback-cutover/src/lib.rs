@@ -434,11 +434,13 @@ async fn steps(
     let at = |run: &mut Run<'_>| run.progress().step;
 
     if at(run) < Step::Fenced {
+        // The write pause starts when the fence starts.
+        let fence_started = now_ms();
         fence::fence(&src, old, &old_s).await?;
         if !run.st.fenced.contains(&old) {
             run.st.fenced.push(old);
         }
-        run.progress().fenced_unix_ms = Some(now_ms());
+        run.progress().fenced_unix_ms = Some(fence_started);
         run.record(Step::Fenced).await?;
     }
     if at(run) < Step::Marked {
