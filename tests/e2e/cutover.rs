@@ -725,3 +725,88 @@ fn active_active_no_echo_hub_wins() {
     );
     run.sigint_and_wait();
 }
+
+/// The `revoke-connect` fence: preflight refuses while PUBLIC has CONNECT; then
+/// the application role's session on the hub is ended at cutover and it cannot
+/// connect again, while switchback (another role) keeps working; the rollback gives
+/// CONNECT back on the hub and takes it on the member.
+#[test]
+fn revoke_connect_fence() {
+    let scale = 1;
+    let role = format!("app_{}", unique());
+    let rig = Rig::new(
+        "cut_revoke",
+        scale,
+        &format!("fence = \"revoke-connect\"\nfence_roles = [\"{role}\"]\n"),
+    );
+    let _slots = rig.drop_slots();
+    for (c, db) in [(hub(), &rig.hdb), (member(), &rig.mdb)] {
+        // Roles are cluster-wide; the shared clusters may be the same instance.
+        let _ = c.try_psql("postgres", &format!("CREATE ROLE {role} LOGIN"));
+        c.psql(
+            db,
+            &format!("GRANT ALL ON ALL TABLES IN SCHEMA public TO {role}; GRANT ALL ON ALL SEQUENCES IN SCHEMA public TO {role}"),
+        );
+    }
+    let mut run = rig.start_run();
+    rig.wait_streaming(&mut run);
+    let out = rig.pipe.run(&["cutover", "--dry-run"]);
+    let err = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(
+        !out.status.success() && err.contains("PUBLIC has CONNECT"),
+        "{err}"
+    );
+    for (c, db) in [(hub(), &rig.hdb), (member(), &rig.mdb)] {
+        c.psql(
+            "postgres",
+            &format!("REVOKE CONNECT ON DATABASE {db} FROM PUBLIC; GRANT CONNECT ON DATABASE {db} TO {role}"),
+        );
+    }
+    // An application session on the hub.
+    let mut app = std::process::Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "exec psql -X -q -h 127.0.0.1 -p {} -U {role} -d {} -c 'SELECT pg_sleep(600)'",
+            hub().port(),
+            rig.hdb
+        ))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("psql");
+    wait_until(MINUTE, "the application session", || {
+        hub().query_value(
+            &rig.hdb,
+            &format!("SELECT count(*) FROM pg_stat_activity WHERE usename = '{role}'"),
+        ) == "1"
+    });
+    rig.switch("cutover", &mut run);
+    wait_until(MINUTE, "the application session to end", || {
+        app.try_wait().unwrap().is_some()
+    });
+    let denied = hub().try_psql_as(&role, &rig.hdb, "SELECT 1").unwrap_err();
+    assert!(
+        denied.contains("permission denied for database"),
+        "{denied}"
+    );
+    member()
+        .try_psql_as(
+            &role,
+            &rig.mdb,
+            "INSERT INTO pgbench_history (tid, bid, aid, delta, mtime) VALUES (1, 1, 1, 1, now())",
+        )
+        .expect("the application writes on the member after the cutover");
+    rig.switch("rollback", &mut run);
+    hub()
+        .try_psql_as(&role, &rig.hdb, "SELECT 1")
+        .expect("CONNECT given back on the hub");
+    let denied = member()
+        .try_psql_as(&role, &rig.mdb, "SELECT 1")
+        .unwrap_err();
+    assert!(
+        denied.contains("permission denied for database"),
+        "{denied}"
+    );
+    wait_equal(&rig.hdb, &rig.mdb, &mut run);
+    run.sigint_and_wait();
+}
