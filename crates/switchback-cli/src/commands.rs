@@ -66,6 +66,14 @@ pub fn load(c: &ConfigArg) -> anyhow::Result<Config> {
     Ok(Config::load(&c.config)?)
 }
 
+/// The config of the direction recorded in the pipeline state (member → hub after
+/// a cutover). `capture`, `apply` and `queue dump` read it at start.
+fn load_current(c: &ConfigArg) -> anyhow::Result<Config> {
+    let cfg = load(c)?;
+    let state = switchback_cutover::state::load(&switchback_cutover::state::path(&cfg))?;
+    Ok(cfg.for_direction(state.direction))
+}
+
 pub fn open_queue(cfg: &Config) -> anyhow::Result<SledLog> {
     std::fs::create_dir_all(&cfg.queue.path)
         .with_context(|| format!("cannot create queue directory {}", cfg.queue.path.display()))?;
@@ -73,7 +81,7 @@ pub fn open_queue(cfg: &Config) -> anyhow::Result<SledLog> {
 }
 
 async fn capture(c: ConfigArg) -> anyhow::Result<ExitCode> {
-    let cfg = load(&c)?;
+    let cfg = load_current(&c)?;
     telemetry::init_metrics(cfg.metrics.listen.as_deref())?;
     let mut queue = open_queue(&cfg)?;
     let shutdown = signals::shutdown_on_signals();
@@ -86,7 +94,7 @@ async fn capture(c: ConfigArg) -> anyhow::Result<ExitCode> {
         None,
         stop_rx,
     ));
-    let span = tracing::info_span!("capture", pipeline = %cfg.pipeline.name, direction = "hub_to_member", slot = %cfg.slot_name());
+    let span = tracing::info_span!("capture", pipeline = %cfg.pipeline.name, direction = cfg.direction.as_str(), slot = %cfg.slot_name());
     let r = switchback_capture::run(&cfg, &mut queue, shutdown, progress)
         .instrument(span)
         .await;
@@ -105,7 +113,7 @@ async fn capture(c: ConfigArg) -> anyhow::Result<ExitCode> {
 }
 
 async fn dump(d: DumpArgs) -> anyhow::Result<ExitCode> {
-    let cfg = load(&d.config)?;
+    let cfg = load_current(&d.config)?;
     let queue = open_queue(&cfg)?;
     let stdout = std::io::stdout();
     let mut out = std::io::BufWriter::new(stdout.lock());
@@ -298,7 +306,7 @@ async fn run_direction(
 
 /// Apply alone, from the queue.
 async fn apply(a: ApplyArgs) -> anyhow::Result<ExitCode> {
-    let cfg = load(&a.config)?;
+    let cfg = load_current(&a.config)?;
     telemetry::init_metrics(cfg.metrics.listen.as_deref())?;
     let reader = open_queue(&cfg)?;
     let shutdown = signals::shutdown_on_signals();
@@ -312,7 +320,7 @@ async fn apply(a: ApplyArgs) -> anyhow::Result<ExitCode> {
         Some(apply_rx),
         stop_rx,
     ));
-    let span = tracing::info_span!("apply", pipeline = %cfg.pipeline.name, direction = "hub_to_member", origin = %cfg.origin_name());
+    let span = tracing::info_span!("apply", pipeline = %cfg.pipeline.name, direction = cfg.direction.as_str(), origin = %cfg.origin_name());
     let opts = switchback_apply::ApplyOptions {
         until_empty: a.until_empty,
         wake: None,
