@@ -810,3 +810,44 @@ fn revoke_connect_fence() {
     wait_equal(&rig.hdb, &rig.mdb, &mut run);
     run.sigint_and_wait();
 }
+
+/// The `hook` fence: `fence_hook` and `unfence_hook` run with SWITCHBACK_SIDE, in
+/// order (fence the hub at cutover; fence the member, then lift the hub's fence at
+/// rollback); the open hook runs after each switch.
+#[test]
+fn hook_fence() {
+    let scale = 1;
+    let log = std::env::temp_dir().join(format!(
+        "switchback-hooks-{}-{}",
+        std::process::id(),
+        unique()
+    ));
+    let rig = Rig::new(
+        "cut_hook",
+        scale,
+        &format!(
+            "fence = \"hook\"\nfence_hook = {:?}\nunfence_hook = {:?}\n",
+            format!("echo \"fence $SWITCHBACK_SIDE\" >> '{}'", log.display()),
+            format!("echo \"unfence $SWITCHBACK_SIDE\" >> '{}'", log.display()),
+        ),
+    );
+    let _slots = rig.drop_slots();
+    let mut run = rig.start_run();
+    rig.switch("cutover", &mut run);
+    assert_eq!(std::fs::read_to_string(&rig.primary).unwrap(), "member");
+    rig.switch("rollback", &mut run);
+    assert_eq!(std::fs::read_to_string(&rig.primary).unwrap(), "hub");
+    let text = std::fs::read_to_string(&log).unwrap_or_default();
+    let _ = std::fs::remove_file(&log);
+    assert_eq!(
+        text.lines().collect::<Vec<_>>(),
+        ["fence hub", "fence member", "unfence hub"],
+        "hook calls"
+    );
+    // The database itself was not made read-only by a hook fence.
+    assert_eq!(
+        hub().query_value(&rig.hdb, "SHOW default_transaction_read_only"),
+        "off"
+    );
+    run.sigint_and_wait();
+}
