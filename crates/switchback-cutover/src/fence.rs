@@ -25,15 +25,16 @@ async fn database(s: &Session) -> Result<String, CutoverError> {
     Ok(row.get(0))
 }
 
-/// Ends the application sessions (waiting up to 5 s for each to be gone, so no
-/// transaction of theirs commits after the fence marker). Returns how many.
+/// Ends the application sessions: signals them all at once, then waits (up to 5 s)
+/// until every one is gone, so no transaction of theirs commits after the fence
+/// marker. Returns how many.
 async fn end_sessions(s: &Session, roles: Option<&[String]>) -> Result<i64, CutoverError> {
     let filter = match roles {
         None => APP_SESSIONS.to_string(),
         Some(_) => format!("{APP_SESSIONS} AND usename::text = ANY($1)"),
     };
     let sql = format!(
-        "SELECT count(*) FILTER (WHERE pg_terminate_backend(pid, 5000)), count(*) \
+        "SELECT coalesce(array_agg(pid) FILTER (WHERE pg_terminate_backend(pid)), '{{}}') \
          FROM pg_stat_activity WHERE {filter}"
     );
     let row = match roles {
@@ -41,18 +42,32 @@ async fn end_sessions(s: &Session, roles: Option<&[String]>) -> Result<i64, Cuto
         Some(r) => s.client.query_one(&sql, &[&r]).await,
     }
     .map_err(|e| s.err(e))?;
-    let (ended, total): (i64, i64) = (row.get(0), row.get(1));
-    if ended < total {
-        // A session still alive could commit after the fence marker: stop here;
-        // running the command again resumes with the fence.
-        return Err(CutoverError::Failed(format!(
-            "{}: {} application session(s) did not end within 5 s of pg_terminate_backend; \
-             the fence is not complete. Run the command again to retry (or `rollback` to undo)",
-            s.endpoint,
-            total - ended
-        )));
+    let pids: Vec<i32> = row.get(0);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    loop {
+        let left: i64 = s
+            .client
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity WHERE pid = ANY($1)",
+                &[&pids],
+            )
+            .await
+            .map_err(|e| s.err(e))?
+            .get(0);
+        if left == 0 {
+            return Ok(pids.len() as i64);
+        }
+        if std::time::Instant::now() > deadline {
+            // A session still alive could commit after the fence marker: stop here;
+            // running the command again resumes with the fence.
+            return Err(CutoverError::Failed(format!(
+                "{}: {left} application session(s) did not end within 5 s of pg_terminate_backend; \
+                 the fence is not complete. Run the command again to retry (or `rollback` to undo)",
+                s.endpoint
+            )));
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(2)).await;
     }
-    Ok(ended)
 }
 
 /// Fences `side` (reached through `session`).
