@@ -432,11 +432,11 @@ fn kill9_cutover_resumes_or_undoes() {
     });
     let steps = [
         "started",
+        "reverse_ready",
         "fenced",
         "marked",
         "drained",
         "sequences_synced",
-        "reverse_ready",
         "switched",
     ];
     for (i, step) in steps.iter().enumerate() {

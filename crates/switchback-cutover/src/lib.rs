@@ -8,15 +8,17 @@
 //!    logical`, the running pipeline's slot is active and its lag (slot + queue)
 //!    under `[cutover] max_lag_bytes`, the reverse mapping can be built, the fence
 //!    can hold. Refuses with every reason.
-//! 2. **fence** the old primary (read-only database, revoked CONNECT, or a hook)
+//! 2. **reverse ready**: the new direction's publication and slot on the new
+//!    primary, before it takes a write (and before the fence: creating a slot
+//!    waits for running transactions, which would lengthen the write pause). What
+//!    the old direction applies meanwhile carries its origin and is dropped as echo.
+//! 3. **fence** the old primary (read-only database, revoked CONNECT, or a hook)
 //!    and end its application sessions.
-//! 3. **mark**: a transactional logical message on the old primary; its LSN is
+//! 4. **mark**: a transactional logical message on the old primary; its LSN is
 //!    the fence LSN, and every application transaction committed before it.
-//! 4. **drain**: wait until the running `switchback run` applied the marker (the
+//! 5. **drain**: wait until the running `switchback run` applied the marker (the
 //!    new primary's replication origin progress passes the fence LSN).
-//! 5. **sequences** forward only ([`sequences`]).
-//! 6. **reverse ready**: the new direction's publication and slot on the new
-//!    primary, before it takes a write.
+//! 6. **sequences** forward only ([`sequences`]).
 //! 7. **switch** the recorded direction: `switchback run` notices, stops the old
 //!    direction and starts the new one.
 //! 8. **open**: lift a fence left on the new primary by an earlier switch, run the
@@ -24,6 +26,7 @@
 //!
 //! Running the command again after a crash resumes from the recorded step; a
 //! `rollback` after an interrupted cutover (before step 7) undoes it instead.
+//! The write pause runs from the fence to the open hook (steps 3 to 8).
 //! **Invariant:** the new primary is opened only after everything committed on
 //! the old one is applied and the slot that captures the new primary's writes exists.
 
@@ -246,22 +249,22 @@ fn plan(cfg: &Config, kind: SwitchKind) -> Vec<String> {
             cfg.cutover.max_lag_bytes
         ),
         format!(
-            "2. fence the {old} ({:?}) and end its application sessions",
+            "2. create publication and slot {} on the {new}",
+            dst.slot_name()
+        ),
+        format!(
+            "3. fence the {old} ({:?}) and end its application sessions",
             cfg.cutover.fence
         ),
-        format!("3. write the fence marker on the {old}; its LSN is the fence LSN"),
+        format!("4. write the fence marker on the {old}; its LSN is the fence LSN"),
         format!(
-            "4. wait until origin {} on the {new} passes the fence LSN (at most {} ms, else undo)",
+            "5. wait until origin {} on the {new} passes the fence LSN (at most {} ms, else undo)",
             src.origin_name(),
             cfg.cutover.drain_timeout_ms
         ),
         format!(
-            "5. move sequences forward on the {new} (last_value + {})",
+            "6. move sequences forward on the {new} (last_value + {})",
             cfg.cutover.sequence_margin
-        ),
-        format!(
-            "6. create publication and slot {} on the {new}",
-            dst.slot_name()
         ),
         format!(
             "7. record direction {} (switchback run follows it)",
@@ -433,6 +436,18 @@ async fn steps(
     let new_s = connect(src.member_pg(), new).await?;
     let at = |run: &mut Run<'_>| run.progress().step;
 
+    if at(run) < Step::ReverseReady {
+        switchback_capture::setup::prepare(&dst)
+            .await
+            .map_err(|e| {
+                CutoverError::Failed(format!(
+                    "preparing the {} direction on the {}: {e}",
+                    dst.direction.as_str(),
+                    new.as_str()
+                ))
+            })?;
+        run.record(Step::ReverseReady).await?;
+    }
     if at(run) < Step::Fenced {
         // The write pause starts when the fence starts.
         let fence_started = now_ms();
@@ -509,18 +524,6 @@ async fn steps(
             }
         }
         run.record(Step::SequencesSynced).await?;
-    }
-    if at(run) < Step::ReverseReady {
-        switchback_capture::setup::prepare(&dst)
-            .await
-            .map_err(|e| {
-                CutoverError::Failed(format!(
-                    "preparing the {} direction on the {}: {e}",
-                    dst.direction.as_str(),
-                    new.as_str()
-                ))
-            })?;
-        run.record(Step::ReverseReady).await?;
     }
     if at(run) < Step::Switched {
         run.st.direction = dst.direction;

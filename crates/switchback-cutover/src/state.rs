@@ -75,6 +75,9 @@ impl SwitchKind {
 pub enum Step {
     /// Preflight passed; nothing changed yet.
     Started,
+    /// The new direction's publication and slot exist on the new primary (created
+    /// before the fence, so it does not lengthen the write pause).
+    ReverseReady,
     /// The old primary is fenced against application writes.
     Fenced,
     /// The fence marker is written on the old primary; `fence_lsn` is known.
@@ -83,8 +86,6 @@ pub enum Step {
     Drained,
     /// Sequences moved forward on the new primary.
     SequencesSynced,
-    /// The new direction's publication and slot exist on the new primary.
-    ReverseReady,
     /// The recorded direction is the new one (`run` follows it).
     Switched,
 }
@@ -92,11 +93,11 @@ pub enum Step {
 impl Step {
     pub const ALL: [Step; 7] = [
         Step::Started,
+        Step::ReverseReady,
         Step::Fenced,
         Step::Marked,
         Step::Drained,
         Step::SequencesSynced,
-        Step::ReverseReady,
         Step::Switched,
     ];
     pub fn as_str(self) -> &'static str {
