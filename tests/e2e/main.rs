@@ -6,3 +6,4 @@ mod apply;
 mod capture;
 mod mapping;
 mod seed;
+mod cutover;

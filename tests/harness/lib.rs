@@ -32,6 +32,7 @@ use serde_json::{Map, Value};
 pub use switchback_core::Lsn;
 
 pub mod seed;
+pub mod cutover;
 
 // ---------------------------------------------------------------------------
 // Small utilities

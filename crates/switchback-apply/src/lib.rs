@@ -231,6 +231,8 @@ struct Applier {
     tables: switchback_config::Tables,
     /// Seeded tables: their changes at or before their sync LSN are skipped.
     handover: handover::SyncLsns,
+    /// Active-active member → hub: the target (hub) wins conflicts; always careful.
+    hub_wins_reverse: bool,
 }
 
 /// A round trip sent to the member whose outcomes are not read yet.
@@ -343,6 +345,8 @@ impl Applier {
             sent: Default::default(),
             tables: cfg.tables.clone(),
             handover,
+            hub_wins_reverse: cfg.direction == switchback_config::Direction::MemberToHub
+                && cfg.cutover.mode == switchback_config::SyncMode::ActiveActive,
         })
     }
 
@@ -495,7 +499,11 @@ impl Applier {
                 }
                 continue;
             };
-            next_seq = match self.apply_group(queue, first.clone(), status, false).await {
+            let careful = self.hub_wins_reverse;
+            next_seq = match self
+                .apply_group(queue, first.clone(), status, careful)
+                .await
+            {
                 Err(ApplyError::Replay) => {
                     tracing::debug!("conflict on the fast path; replaying the group with upserts");
                     self.apply_group(queue, first, status, true).await?
@@ -636,7 +644,11 @@ impl Applier {
                                 if self.handover.skips(&tg.hub, t.header.end_lsn) {
                                     continue;
                                 }
-                                let planned = sql::plan(&tg, change, careful)?;
+                                let planned = if self.hub_wins_reverse {
+                                    sql::plan_hub_wins_reverse(&tg, change)?
+                                } else {
+                                    sql::plan(&tg, change, careful)?
+                                };
                                 *ops.entry(planned.op).or_default() += 1;
                                 ctx.push((tg.clone(), planned.op, t.header.xid, t.header.end_lsn));
                                 let at = ctx.len() - 1;
@@ -690,6 +702,16 @@ impl Applier {
             unreachable!("a group without applied transactions returned early")
         };
         self.flush_tables(&mut tables, &mut inflight)?;
+        if changes == 0 {
+            // Only messages (e.g. a cutover's fence marker): a member transaction
+            // without an xid writes no commit record, so the origin's progress would
+            // not move. Assign one.
+            inflight.push(Queued {
+                what: QueuedSql::Sql("SELECT pg_current_xact_id()".into()),
+                expect: Expect::Nothing,
+                ctx: None,
+            });
+        }
         let stamp = progress::stamp(last.header.end_lsn, last.header.commit_time);
         inflight.push(Queued {
             what: QueuedSql::Sql(stamp),

@@ -119,6 +119,14 @@ pub enum Kind {
     /// Update with unchanged TOAST columns: update what changed, by old key/one row.
     UpdatePlain,
     Delete,
+    /// Active-active, member → hub: `INSERT ... ON CONFLICT DO NOTHING` (the hub's
+    /// row wins).
+    InsertNothing,
+    /// Active-active, member → hub: UPDATE only the row that still equals the
+    /// member's old row (all columns); otherwise the hub changed it and wins.
+    UpdateIfOld,
+    /// Active-active, member → hub: DELETE only a row that still equals the old row.
+    DeleteIfOld,
 }
 
 /// Cache key of a prepared statement.
@@ -271,6 +279,63 @@ pub fn plan(t: &Target, change: Change, careful: bool) -> Result<Planned, ApplyE
     })
 }
 
+/// Active-active, member → hub ("the hub wins"): a member change is applied only
+/// where the hub's row is still what the member changed; anything else is a
+/// conflict the hub wins (counted, skipped), and the hub's own change reaches the
+/// member through the other direction. Needs the member's old rows whole
+/// (REPLICA IDENTITY FULL, set by capture in active-active mode).
+pub fn plan_hub_wins_reverse(t: &Target, change: Change) -> Result<Planned, ApplyError> {
+    let n = t.hub.columns.len();
+    let full_old = |old: Option<OldRow>, op: &str| -> Result<Vec<Value>, ApplyError> {
+        match old {
+            Some(o) if o.kind == OldRowKind::Full => Ok(o.values),
+            _ => Err(ApplyError::Data(format!(
+                "table {}: an active-active {op} arrived without the whole old row, so a conflict \
+                 cannot be detected. Fix: ALTER TABLE {} REPLICA IDENTITY FULL on the member \
+                 (switchback run does it at start in active-active mode)",
+                t.display, t.display
+            ))),
+        }
+    };
+    let unchanged = |v: &[Value]| -> Vec<bool> {
+        (0..n)
+            .map(|i| v.get(i).is_some_and(Value::is_unchanged))
+            .collect()
+    };
+    let (kind, new, old, op) = match change {
+        Change::Insert { new, .. } => (Kind::InsertNothing, new, Vec::new(), "insert"),
+        Change::Update { old, new, .. } => {
+            let old = full_old(old, "update")?;
+            (Kind::UpdateIfOld, new, old, "update")
+        }
+        Change::Delete { old, .. } => (
+            Kind::DeleteIfOld,
+            Vec::new(),
+            full_old(Some(old), "delete")?,
+            "delete",
+        ),
+        Change::Truncate { .. } | Change::Message { .. } => {
+            return Err(ApplyError::Data("internal: not a row change".into()))
+        }
+    };
+    Ok(Planned {
+        key: ShapeKey {
+            rel: t.hub.oid,
+            kind,
+            by_old: kind != Kind::InsertNothing,
+            skip_new: if kind == Kind::UpdateIfOld {
+                unchanged(&new)
+            } else {
+                vec![false; n]
+            },
+            skip_old: unchanged(&old),
+        },
+        new,
+        old,
+        op,
+    })
+}
+
 /// Builds the SQL of a shape.
 pub fn build(t: &Target, key: &ShapeKey) -> Shape {
     let mut b = Builder {
@@ -408,6 +473,23 @@ pub fn build(t: &Target, key: &ShapeKey) -> Shape {
             predicate(&mut b, key, pred_for(t));
             Expect::Delete
         }
+        Kind::InsertNothing => {
+            insert_values(&mut b);
+            b.sql.push_str(" ON CONFLICT DO NOTHING");
+            Expect::InsertOrNothing
+        }
+        Kind::UpdateIfOld => {
+            let _ = write!(b.sql, "UPDATE {} SET ", t.qualified);
+            set_list(&mut b, &key.skip_new);
+            b.sql.push_str(" WHERE ");
+            predicate(&mut b, key, Pred::OneRow);
+            Expect::Update
+        }
+        Kind::DeleteIfOld => {
+            let _ = write!(b.sql, "DELETE FROM {} WHERE ", t.qualified);
+            predicate(&mut b, key, Pred::OneRow);
+            Expect::Delete
+        }
     };
     Shape {
         sql: b.sql,
@@ -513,11 +595,27 @@ fn predicate(b: &mut Builder, key: &ShapeKey, pred: Pred) {
                     .map(|(i, mc)| (i, mc.cast_type.clone()))
                     .collect();
             let _ = write!(b.sql, "ctid = (SELECT ctid FROM {} WHERE ", b.t.qualified);
-            if cols.is_empty() {
+            // Conditional shapes (active-active) also compare the key with `=` first,
+            // so the member's index finds the row.
+            let mut n0 = 0;
+            if matches!(key.kind, Kind::UpdateIfOld | Kind::DeleteIfOld) {
+                if let Matching::Key(k) | Matching::KeyNoIndex(k) = &b.t.matching {
+                    for &i in k {
+                        if n0 > 0 {
+                            b.sql.push_str(" AND ");
+                        }
+                        let c = b.col(i);
+                        let p = b.p(src(i));
+                        let _ = write!(b.sql, "{c} = {p}");
+                        n0 += 1;
+                    }
+                }
+            }
+            if cols.is_empty() && n0 == 0 {
                 b.sql.push_str("true");
             }
             for (n, (i, ty)) in cols.iter().enumerate() {
-                if n > 0 {
+                if n + n0 > 0 {
                     b.sql.push_str(" AND ");
                 }
                 let c = b.col(*i);

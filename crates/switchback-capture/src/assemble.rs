@@ -34,8 +34,10 @@ pub enum Step {
 struct Txn {
     open: Option<OpenId>,
     xid: u32,
-    /// The transaction is already in the queue (sent again after a restart).
+    /// The transaction is already in the queue (sent again after a restart), or it
+    /// is an echo (its origin is the other direction's apply): nothing is stored.
     duplicate: bool,
+    echo: bool,
     origin: Option<String>,
     buf: Vec<Record>,
     buf_bytes: usize,
@@ -50,6 +52,7 @@ impl Txn {
             open: None,
             xid,
             duplicate,
+            echo: false,
             origin: None,
             buf: Vec::new(),
             buf_bytes: 0,
@@ -68,7 +71,10 @@ pub struct Assembler {
     streams: HashMap<u32, Txn>,
     stream_xid: Option<u32>,
     chunk_bytes: usize,
+    /// Transactions whose Origin is this one are echoes of the other direction.
+    echo_origin: Option<String>,
     /// Stats for metrics.
+    pub echoes: u64,
     pub stored_txns: u64,
     pub stored_changes: u64,
     pub duplicates: u64,
@@ -124,10 +130,20 @@ impl Assembler {
             streams: HashMap::new(),
             stream_xid: None,
             chunk_bytes: chunk_bytes.max(1024),
+            echo_origin: None,
+            echoes: 0,
             stored_txns: 0,
             stored_changes: 0,
             duplicates: 0,
         }
+    }
+
+    /// Drops (without storing, still acknowledging) every transaction whose Origin
+    /// message names `origin`: on PG15 this is how a direction recognises what the
+    /// other direction's apply wrote, so nothing returns to where it came from.
+    pub fn with_echo_filter(mut self, origin: Option<String>) -> Assembler {
+        self.echo_origin = origin;
+        self
     }
 
     /// True when no transaction is being assembled (plain or streamed).
@@ -248,6 +264,16 @@ impl Assembler {
         end_lsn: Lsn,
         commit_time: i64,
     ) -> Result<Step, CaptureError> {
+        if t.echo {
+            if let Some(id) = t.open {
+                q.discard(id)?;
+            }
+            self.echoes += 1;
+            return Ok(Step::Committed {
+                end_lsn,
+                stored: false,
+            });
+        }
         let already = q.last_end_lsn().is_some_and(|last| end_lsn <= last);
         if t.duplicate || already {
             if let Some(id) = t.open {
@@ -307,7 +333,18 @@ impl Assembler {
                 self.current = Some(Txn::new(xid, duplicate));
             }
             Message::Origin { name, .. } => {
-                if let Some(t) = self.current.as_mut() {
+                let echo = self.echo_origin.as_deref() == Some(name.as_str());
+                // A streamed transaction's Origin follows its first Stream Start.
+                let t = match (self.current.as_mut(), self.stream_xid) {
+                    (Some(t), _) => Some(t),
+                    (None, Some(top)) => self.streams.get_mut(&top),
+                    (None, None) => None,
+                };
+                if let Some(t) = t {
+                    if echo {
+                        t.echo = true;
+                        t.duplicate = true;
+                    }
                     t.origin = Some(name);
                 }
             }
@@ -487,5 +524,125 @@ impl Assembler {
             }
         }
         Ok(Step::Continue)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use switchback_pgoutput::RelationColumn;
+    use switchback_queue::QueueError;
+
+    use super::*;
+
+    /// Counts what reaches the queue.
+    #[derive(Default)]
+    struct Counting {
+        next: OpenId,
+        committed: Vec<TxnHeader>,
+        discarded: usize,
+    }
+
+    impl QueueWriter for Counting {
+        fn open(&mut self) -> OpenId {
+            self.next += 1;
+            self.next
+        }
+        fn append(&mut self, _: OpenId, _: u32, _: &[Record]) -> Result<(), QueueError> {
+            Ok(())
+        }
+        fn discard(&mut self, _: OpenId) -> Result<(), QueueError> {
+            self.discarded += 1;
+            Ok(())
+        }
+        fn discard_subxact(&mut self, _: OpenId, _: u32) -> Result<(), QueueError> {
+            Ok(())
+        }
+        fn commit(&mut self, _: OpenId, header: TxnHeader) -> Result<u64, QueueError> {
+            self.committed.push(header);
+            Ok(self.committed.len() as u64)
+        }
+        async fn flush(&mut self) -> Result<(), QueueError> {
+            Ok(())
+        }
+        fn last_end_lsn(&self) -> Option<Lsn> {
+            self.committed.last().map(|h| h.end_lsn)
+        }
+    }
+
+    fn txn(a: &mut Assembler, q: &mut Counting, xid: u32, lsn: u64, origin: Option<&str>) -> Step {
+        let mut msgs = vec![Message::Begin {
+            final_lsn: lsn,
+            commit_time: 0,
+            xid,
+        }];
+        if let Some(o) = origin {
+            msgs.push(Message::Origin {
+                commit_lsn: lsn,
+                name: o.into(),
+            });
+        }
+        msgs.push(Message::Relation {
+            xid: None,
+            oid: 1,
+            namespace: "public".into(),
+            name: "t".into(),
+            replica_identity: b'd',
+            columns: vec![RelationColumn {
+                flags: 1,
+                name: "id".into(),
+                type_oid: 23,
+                type_modifier: -1,
+            }],
+        });
+        msgs.push(Message::Insert {
+            xid: None,
+            oid: 1,
+            new: vec![TupleValue::Text(b"1".to_vec())],
+        });
+        msgs.push(Message::Commit {
+            flags: 0,
+            commit_lsn: lsn,
+            end_lsn: lsn + 8,
+            commit_time: 0,
+        });
+        let mut last = Step::Continue;
+        for m in msgs {
+            last = a.handle(q, m).unwrap();
+        }
+        last
+    }
+
+    #[test]
+    fn echoes_are_dropped_but_acknowledged() {
+        let mut q = Counting::default();
+        let mut a = Assembler::new(16 * 1024).with_echo_filter(Some("switchback_p_rev".into()));
+        // Written by the other direction's apply: dropped, its end still acknowledgeable.
+        assert_eq!(
+            txn(&mut a, &mut q, 10, 100, Some("switchback_p_rev")),
+            Step::Committed {
+                end_lsn: Lsn(108),
+                stored: false
+            }
+        );
+        assert_eq!(a.echoes, 1);
+        assert!(q.committed.is_empty());
+        // Another origin, and none: stored, the origin recorded.
+        assert_eq!(
+            txn(&mut a, &mut q, 11, 200, Some("someone_else")),
+            Step::Committed {
+                end_lsn: Lsn(208),
+                stored: true
+            }
+        );
+        assert_eq!(
+            txn(&mut a, &mut q, 12, 300, None),
+            Step::Committed {
+                end_lsn: Lsn(308),
+                stored: true
+            }
+        );
+        assert_eq!(q.committed.len(), 2);
+        assert_eq!(q.committed[0].origin.as_deref(), Some("someone_else"));
+        assert_eq!(a.echoes, 1);
     }
 }

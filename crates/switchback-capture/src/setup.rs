@@ -34,7 +34,32 @@ pub async fn prepare_with(cfg: &Config, create_slot: bool) -> Result<Plan, Captu
     let session = hub::connect(&hub_cfg, "hub").await?;
     hub::preflight(&session).await?;
     let version = session.server_version().await?;
-    let tables = hub::list_tables(&session, |s, t| cfg.tables.matches(s, t)).await?;
+    let mut tables = hub::list_tables(&session, |s, t| cfg.tables.matches(s, t)).await?;
+    if cfg.direction == switchback_config::Direction::MemberToHub
+        && cfg.cutover.mode == switchback_config::SyncMode::ActiveActive
+    {
+        // Hub-wins needs the member's whole old rows to see whether the hub changed
+        // the row meanwhile (see switchback-apply `plan_hub_wins_reverse`).
+        for t in tables.iter_mut().filter(|t| t.replica_identity != 'f') {
+            session
+                .client
+                .batch_execute(&format!(
+                    "ALTER TABLE {} REPLICA IDENTITY FULL",
+                    t.qualified()
+                ))
+                .await
+                .map_err(|e| {
+                    PgError::Setup(format!(
+                        "{}: active-active needs REPLICA IDENTITY FULL on {}: {}",
+                        session.endpoint,
+                        t.display(),
+                        switchback_pg::error::describe_sql_error(&e)
+                    ))
+                })?;
+            tracing::info!(table = %t.display(), "set REPLICA IDENTITY FULL (active-active: conflicts are detected on whole old rows)");
+            t.replica_identity = 'f';
+        }
+    }
 
     // Tables grouped by the operations they publish: one publication per set
     // (`publish` is a publication option); row filters go with each table.

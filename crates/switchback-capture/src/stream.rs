@@ -85,6 +85,12 @@ pub async fn session<Q: QueueWriter + Send>(
     if plan.streaming {
         options.push(("streaming", "'on'".into()));
     }
+    if plan.server_version >= 160000 {
+        // Loop prevention on the server (PG16+): transactions that carry any
+        // replication origin (what a switchback apply wrote) are not sent. On PG15
+        // the Origin message is filtered here instead (see `Assembler::with_echo_filter`).
+        options.push(("origin", "'none'".into()));
+    }
     let (mut reader, mut writer) = client
         .start_replication(&plan.slot, start, &options)
         .await?;
@@ -172,7 +178,7 @@ pub async fn session<Q: QueueWriter + Send>(
     };
 
     let mut decoder = Decoder::new(plan.proto_version, false);
-    let mut asm = Assembler::new(cfg.capture.chunk_bytes);
+    let mut asm = Assembler::new(cfg.capture.chunk_bytes).with_echo_filter(Some(cfg.echo_origin()));
     // Highest end position handled (stored, empty or duplicate) since the last flush.
     let mut handled: Option<Lsn> = None;
     let mut unflushed_commits = 0usize;
@@ -233,6 +239,9 @@ pub async fn session<Q: QueueWriter + Send>(
                         .increment(asm.stored_txns);
                     metrics::counter!(metric::CAPTURE_CHANGES_TOTAL).increment(asm.stored_changes);
                     metrics::counter!(metric::CAPTURE_DUPLICATES_TOTAL).increment(asm.duplicates);
+                    metrics::counter!(metric::CAPTURE_ECHOES_DROPPED_TOTAL, "direction" => cfg.direction.as_str())
+                        .increment(asm.echoes);
+                    asm.echoes = 0;
                     asm.stored_txns = 0;
                     asm.stored_changes = 0;
                     asm.duplicates = 0;

@@ -82,6 +82,14 @@ pub enum Command {
     /// interruption and only the unfinished tables are copied again (at a new snapshot).
     /// Then `switchback run` continues from the slot without a gap.
     Seed(SeedArgs),
+    /// Make the member the primary: fence the hub, drain to the fence, move sequences
+    /// forward, start member → hub, open the member. Needs `switchback run` running.
+    ///
+    /// Run it again after a crash: it resumes from the recorded step.
+    Cutover(SwitchArgs),
+    /// Make the hub the primary again (the same steps the other way); also undoes
+    /// an interrupted cutover.
+    Rollback(SwitchArgs),
 }
 
 #[derive(Args, Debug)]
@@ -118,6 +126,15 @@ pub struct SeedFlags {
     /// Heap pages per ctid range of a large table (default: from its size and --jobs).
     #[arg(long)]
     pub chunk_pages: Option<u64>,
+}
+
+#[derive(Args, Debug)]
+pub struct SwitchArgs {
+    #[command(flatten)]
+    pub config: ConfigArg,
+    /// Run the checks and print the plan; change nothing.
+    #[arg(long)]
+    pub dry_run: bool,
 }
 
 #[derive(Args, Debug)]

@@ -10,7 +10,9 @@ use switchback_queue::{QueueReader, SledLog};
 use tokio::sync::watch;
 use tracing::Instrument;
 
-use crate::cli::{ApplyArgs, Cli, Command, ConfigArg, DumpArgs, QueueCommand, RunArgs};
+use crate::cli::{
+    ApplyArgs, Cli, Command, ConfigArg, DumpArgs, QueueCommand, RunArgs, SwitchArgs,
+};
 use crate::{signals, telemetry};
 
 pub async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
@@ -22,6 +24,8 @@ pub async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Status(s) => crate::status::status(s).await,
         Command::Check(c) => check(c).await,
         Command::Seed(s) => crate::seed::seed(s, cli.global.log_format).await,
+        Command::Cutover(a) => switch(a, switchback_cutover::state::SwitchKind::Cutover).await,
+        Command::Rollback(a) => switch(a, switchback_cutover::state::SwitchKind::Rollback).await,
     }
 }
 
@@ -57,8 +61,53 @@ async fn check_before_start(
     Ok(())
 }
 
+/// `cutover` / `rollback`: the steps live in switchback-cutover.
+async fn switch(
+    a: SwitchArgs,
+    kind: switchback_cutover::state::SwitchKind,
+) -> anyhow::Result<ExitCode> {
+    use switchback_cutover::Outcome;
+    let cfg = load(&a.config)?;
+    let span = tracing::info_span!("switch", pipeline = %cfg.pipeline.name, kind = kind.as_str());
+    let outcome = switchback_cutover::switch(&cfg, kind, a.dry_run, &mut |m| println!("{m}"))
+        .instrument(span)
+        .await?;
+    match outcome {
+        Outcome::Planned(steps) => {
+            println!("{} plan (dry run, preflight passed):", kind.as_str());
+            for s in steps {
+                println!("  {s}");
+            }
+        }
+        Outcome::Undone { .. } => {}
+        Outcome::Completed(r) => {
+            println!(
+                "{} complete: epoch {}, fence LSN {}, writes paused {} ms, {} sequence(s) moved",
+                kind.as_str(),
+                r.epoch,
+                r.fence_lsn,
+                r.write_pause_ms,
+                r.sequences.len()
+            );
+            for m in &r.sequences {
+                println!("  sequence {}: {} -> {}", m.sequence, m.from, m.to);
+            }
+            println!("report: {}", serde_json::to_string(&r)?);
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
 pub fn load(c: &ConfigArg) -> anyhow::Result<Config> {
     Ok(Config::load(&c.config)?)
+}
+
+/// The config of the direction recorded in the pipeline state (member → hub after
+/// a cutover). `capture`, `apply` and `queue dump` read it at start.
+fn load_current(c: &ConfigArg) -> anyhow::Result<Config> {
+    let cfg = load(c)?;
+    let state = switchback_cutover::state::load(&switchback_cutover::state::path(&cfg))?;
+    Ok(cfg.for_direction(state.direction))
 }
 
 pub fn open_queue(cfg: &Config) -> anyhow::Result<SledLog> {
@@ -68,8 +117,10 @@ pub fn open_queue(cfg: &Config) -> anyhow::Result<SledLog> {
 }
 
 async fn capture(c: ConfigArg) -> anyhow::Result<ExitCode> {
-    let cfg = load(&c)?;
-    check_before_start(&cfg, switchback_mapping::check::Sides::Hub).await?;
+    let cfg = load_current(&c)?;
+    if cfg.direction == switchback_config::Direction::HubToMember {
+        check_before_start(&cfg, switchback_mapping::check::Sides::Hub).await?;
+    }
     telemetry::init_metrics(cfg.metrics.listen.as_deref())?;
     let mut queue = open_queue(&cfg)?;
     let shutdown = signals::shutdown_on_signals();
@@ -82,7 +133,7 @@ async fn capture(c: ConfigArg) -> anyhow::Result<ExitCode> {
         None,
         stop_rx,
     ));
-    let span = tracing::info_span!("capture", pipeline = %cfg.pipeline.name, direction = "hub_to_member", slot = %cfg.slot_name());
+    let span = tracing::info_span!("capture", pipeline = %cfg.pipeline.name, direction = cfg.direction.as_str(), slot = %cfg.slot_name());
     let r = switchback_capture::run(&cfg, &mut queue, shutdown, progress)
         .instrument(span)
         .await;
@@ -101,7 +152,7 @@ async fn capture(c: ConfigArg) -> anyhow::Result<ExitCode> {
 }
 
 async fn dump(d: DumpArgs) -> anyhow::Result<ExitCode> {
-    let cfg = load(&d.config)?;
+    let cfg = load_current(&d.config)?;
     let queue = open_queue(&cfg)?;
     let stdout = std::io::stdout();
     let mut out = std::io::BufWriter::new(stdout.lock());
@@ -150,27 +201,83 @@ async fn dump(d: DumpArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// Capture and apply in one process over the embedded sled log.
+/// Capture and apply in one process over the embedded sled log, in the direction
+/// the pipeline state records (both at once in active-active mode). When a cutover
+/// or rollback switches the direction, the running direction stops gracefully and
+/// the new one starts.
 async fn run(r: RunArgs) -> anyhow::Result<ExitCode> {
     let cfg = load(&r.config)?;
-    check_before_start(&cfg, switchback_mapping::check::Sides::Both).await?;
     telemetry::init_metrics(cfg.metrics.listen.as_deref())?;
-    if r.seed {
-        crate::seed::seed_then_run(&cfg, &r.seed_opts).await?;
+    if switchback_cutover::run_directions(&cfg)? == [switchback_config::Direction::HubToMember] {
+        check_before_start(&cfg, switchback_mapping::check::Sides::Both).await?;
+        if r.seed {
+            crate::seed::seed_then_run(&cfg, &r.seed_opts).await?;
+        }
+    } else {
+        anyhow::ensure!(!r.seed, "--seed is only for the hub → member direction");
     }
+    let shutdown = signals::shutdown_on_signals();
+    loop {
+        let dirs = switchback_cutover::run_directions(&cfg)?;
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let watcher = {
+            let mut s = shutdown.clone();
+            let stop_tx = stop_tx.clone();
+            let cfg = cfg.clone();
+            let dirs = dirs.clone();
+            tokio::spawn(async move {
+                loop {
+                    tokio::select! {
+                        r = s.wait_for(|v| *v) => { let _ = r; let _ = stop_tx.send(true); return; }
+                        _ = tokio::time::sleep(std::time::Duration::from_millis(50)) => {
+                            if switchback_cutover::run_directions(&cfg).is_ok_and(|d| d != dirs) {
+                                tracing::info!("the recorded direction changed; switching");
+                                let _ = stop_tx.send(true);
+                                return;
+                            }
+                        }
+                    }
+                }
+            })
+        };
+        let mut tasks = Vec::new();
+        for d in &dirs {
+            let dcfg = cfg.for_direction(*d);
+            let (stop_tx, stop_rx) = (stop_tx.clone(), stop_rx.clone());
+            tasks.push(tokio::spawn(async move {
+                let r = run_direction(dcfg, stop_tx.clone(), stop_rx).await;
+                if r.is_err() {
+                    let _ = stop_tx.send(true);
+                }
+                r
+            }));
+        }
+        let mut first_err = None;
+        for t in tasks {
+            if let Err(e) = t.await.context("pipeline task panicked")? {
+                first_err.get_or_insert(e);
+            }
+        }
+        watcher.abort();
+        if let Some(e) = first_err {
+            return Err(e);
+        }
+        if *shutdown.borrow() {
+            tracing::info!("stopped cleanly");
+            return Ok(ExitCode::SUCCESS);
+        }
+    }
+}
+
+/// One direction of `run` until `stop_rx` turns true or a half fails.
+async fn run_direction(
+    cfg: Config,
+    stop_tx: watch::Sender<bool>,
+    stop_rx: watch::Receiver<bool>,
+) -> anyhow::Result<()> {
     let mut writer = open_queue(&cfg)?;
     let reader = writer.clone();
-    let shutdown = signals::shutdown_on_signals();
-    // A definite error in one half stops the other.
-    let (stop_tx, stop_rx) = watch::channel(false);
-    {
-        let mut s = shutdown.clone();
-        let stop_tx = stop_tx.clone();
-        tokio::spawn(async move {
-            let _ = s.wait_for(|v| *v).await;
-            let _ = stop_tx.send(true);
-        });
-    }
+    let direction = cfg.direction.as_str();
     let (cap_tx, cap_rx) = watch::channel(switchback_capture::CaptureProgress::default());
     let (apply_tx, apply_rx) = watch::channel(switchback_apply::ApplyStatus::default());
     let (wake_tx, wake_rx) = watch::channel(());
@@ -194,7 +301,7 @@ async fn run(r: RunArgs) -> anyhow::Result<ExitCode> {
         let cfg = cfg.clone();
         let stop_rx = stop_rx.clone();
         let stop_tx = stop_tx.clone();
-        let span = tracing::info_span!("capture", pipeline = %cfg.pipeline.name, direction = "hub_to_member", slot = %cfg.slot_name());
+        let span = tracing::info_span!("capture", pipeline = %cfg.pipeline.name, direction, slot = %cfg.slot_name());
         tokio::spawn(
             async move {
                 let r = switchback_capture::run(&cfg, &mut writer, stop_rx, cap_tx).await;
@@ -210,7 +317,7 @@ async fn run(r: RunArgs) -> anyhow::Result<ExitCode> {
         let cfg = cfg.clone();
         let stop_rx = stop_rx.clone();
         let stop_tx = stop_tx.clone();
-        let span = tracing::info_span!("apply", pipeline = %cfg.pipeline.name, direction = "hub_to_member", origin = %cfg.origin_name());
+        let span = tracing::info_span!("apply", pipeline = %cfg.pipeline.name, direction, origin = %cfg.origin_name());
         tokio::spawn(
             async move {
                 let opts = switchback_apply::ApplyOptions {
@@ -227,24 +334,26 @@ async fn run(r: RunArgs) -> anyhow::Result<ExitCode> {
         )
     };
     let (cap_res, apply_res) = tokio::join!(capture, apply);
-    let _ = stop_tx.send(true);
     let _ = status_task.await;
     let cap_res = cap_res.context("capture task panicked")?;
     let apply_res = apply_res.context("apply task panicked")?;
     match (cap_res, apply_res) {
-        (Err(e), _) => Err(anyhow::Error::new(e).context("capture cannot continue")),
-        (_, Err(e)) => Err(anyhow::Error::new(e)
-            .context("apply cannot continue; the queue keeps every transaction not applied")),
+        (Err(e), _) => {
+            Err(anyhow::Error::new(e).context(format!("capture ({direction}) cannot continue")))
+        }
+        (_, Err(e)) => Err(anyhow::Error::new(e).context(format!(
+            "apply ({direction}) cannot continue; the queue keeps every transaction not applied"
+        ))),
         _ => {
-            tracing::info!("stopped cleanly");
-            Ok(ExitCode::SUCCESS)
+            tracing::info!(direction, "direction stopped cleanly");
+            Ok(())
         }
     }
 }
 
 /// Apply alone, from the queue.
 async fn apply(a: ApplyArgs) -> anyhow::Result<ExitCode> {
-    let cfg = load(&a.config)?;
+    let cfg = load_current(&a.config)?;
     telemetry::init_metrics(cfg.metrics.listen.as_deref())?;
     let reader = open_queue(&cfg)?;
     let shutdown = signals::shutdown_on_signals();
@@ -258,7 +367,7 @@ async fn apply(a: ApplyArgs) -> anyhow::Result<ExitCode> {
         Some(apply_rx),
         stop_rx,
     ));
-    let span = tracing::info_span!("apply", pipeline = %cfg.pipeline.name, direction = "hub_to_member", origin = %cfg.origin_name());
+    let span = tracing::info_span!("apply", pipeline = %cfg.pipeline.name, direction = cfg.direction.as_str(), origin = %cfg.origin_name());
     let opts = switchback_apply::ApplyOptions {
         until_empty: a.until_empty,
         wake: None,

@@ -172,11 +172,25 @@ struct Report {
     problems: Vec<String>,
     /// Per-table seed state on the member (empty when seed never ran).
     seed: Vec<switchback_apply::handover::SeedTableState>,
+    /// The recorded direction (hub_to_member, member_to_hub) and completed switches.
+    direction: String,
+    epoch: u64,
+    /// An interrupted cutover/rollback: its kind and last recorded step.
+    switch_in_progress: Option<String>,
 }
 
 pub async fn status(a: StatusArgs) -> anyhow::Result<ExitCode> {
     let cfg = crate::commands::load(&a.config)?;
+    // After a cutover the source is the member: report the recorded direction.
+    let state = switchback_cutover::state::load(&switchback_cutover::state::path(&cfg))?;
+    let cfg = cfg.for_direction(state.direction);
     let mut r = Report {
+        direction: state.direction.as_str().to_string(),
+        epoch: state.epoch,
+        switch_in_progress: state
+            .switch
+            .as_ref()
+            .map(|p| format!("{} after step {}", p.kind.as_str(), p.step.as_str())),
         pipeline: cfg.pipeline.name.clone(),
         slot: cfg.slot_name(),
         hub_reachable: false,
@@ -277,6 +291,14 @@ pub async fn status(a: StatusArgs) -> anyhow::Result<ExitCode> {
             unfinished.join(", ")
         ));
     }
+    if let Some(p) = &state.switch {
+        r.problems.push(format!(
+            "an interrupted {} stopped after step {}: run `switchback {}` again to resume it",
+            p.kind.as_str(),
+            p.step.as_str(),
+            p.kind.as_str()
+        ));
+    }
     if a.json {
         println!("{}", serde_json::to_string_pretty(&r)?);
     } else {
@@ -292,6 +314,14 @@ pub async fn status(a: StatusArgs) -> anyhow::Result<ExitCode> {
 fn print_report(r: &Report) {
     let dash = || "-".to_string();
     println!("pipeline          {}", r.pipeline);
+    println!(
+        "direction         {} (epoch {}){}",
+        r.direction,
+        r.epoch,
+        r.switch_in_progress
+            .as_ref()
+            .map_or(String::new(), |s| format!(", interrupted {s}"))
+    );
     println!(
         "process           {}",
         if r.process_running {

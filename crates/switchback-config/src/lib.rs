@@ -102,6 +102,123 @@ pub struct Config {
     pub capture: Capture,
     #[serde(default)]
     pub metrics: Metrics,
+    /// Cutover and rollback (`switchback cutover` / `rollback`).
+    #[serde(default)]
+    pub cutover: Cutover,
+    /// Which way this config's hub → member points: `Forward` as loaded;
+    /// [`Config::reversed`] gives the member → hub view used by the reverse direction.
+    #[serde(skip)]
+    pub direction: Direction,
+}
+
+/// Which way changes flow.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Direction {
+    /// hub → member (before cutover, and after rollback).
+    #[default]
+    HubToMember,
+    /// member → hub (after cutover: the member is the primary).
+    MemberToHub,
+}
+
+impl Direction {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Direction::HubToMember => "hub_to_member",
+            Direction::MemberToHub => "member_to_hub",
+        }
+    }
+    pub fn opposite(self) -> Direction {
+        match self {
+            Direction::HubToMember => Direction::MemberToHub,
+            Direction::MemberToHub => Direction::HubToMember,
+        }
+    }
+}
+
+/// How the old primary is fenced against application writes during a switch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum FenceKind {
+    /// `ALTER DATABASE ... SET default_transaction_read_only = on` and end the
+    /// application sessions (every session whose application_name does not start
+    /// with `switchback`).
+    #[default]
+    ReadOnly,
+    /// `REVOKE CONNECT ON DATABASE` from `fence_roles` and end their sessions.
+    RevokeConnect,
+    /// Run `fence_hook` (e.g. pause a connection pooler); `unfence_hook` lifts it.
+    Hook,
+}
+
+/// Whether one direction runs at a time, or both.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum SyncMode {
+    /// One direction at a time; `cutover` and `rollback` switch it.
+    #[default]
+    OneWay,
+    /// Both directions at once (canary releases: some users write to the member);
+    /// each capture drops the other direction's echoes; hub wins on conflicts.
+    ActiveActive,
+}
+
+fn default_max_lag_bytes() -> i64 {
+    64 * 1024 * 1024
+}
+fn default_sequence_margin() -> i64 {
+    1000
+}
+fn default_drain_timeout_ms() -> u64 {
+    30_000
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Cutover {
+    /// Preflight refuses when the source's slot is further behind than this (WAL bytes).
+    #[serde(default = "default_max_lag_bytes")]
+    pub max_lag_bytes: i64,
+    #[serde(default)]
+    pub fence: FenceKind,
+    /// Roles fenced by `fence = "revoke-connect"`.
+    #[serde(default)]
+    pub fence_roles: Vec<String>,
+    /// Shell command for `fence = "hook"`; gets SWITCHBACK_SIDE (hub | member).
+    #[serde(default)]
+    pub fence_hook: Option<String>,
+    /// Shell command lifting a hook fence; gets SWITCHBACK_SIDE.
+    #[serde(default)]
+    pub unfence_hook: Option<String>,
+    /// Shell command run once the new primary is open (switch DNS, the pooler...);
+    /// gets SWITCHBACK_PRIMARY (hub | member) and SWITCHBACK_EPOCH.
+    #[serde(default)]
+    pub open_hook: Option<String>,
+    /// Sequences move to at least the source's last_value plus this margin.
+    #[serde(default = "default_sequence_margin")]
+    pub sequence_margin: i64,
+    /// How long to wait for apply to reach the fence position before undoing.
+    #[serde(default = "default_drain_timeout_ms")]
+    pub drain_timeout_ms: u64,
+    #[serde(default)]
+    pub mode: SyncMode,
+}
+
+impl Default for Cutover {
+    fn default() -> Self {
+        Cutover {
+            max_lag_bytes: default_max_lag_bytes(),
+            fence: FenceKind::default(),
+            fence_roles: Vec::new(),
+            fence_hook: None,
+            unfence_hook: None,
+            open_hook: None,
+            sequence_margin: default_sequence_margin(),
+            drain_timeout_ms: default_drain_timeout_ms(),
+            mode: SyncMode::default(),
+        }
+    }
 }
 
 /// How to reach one database.
@@ -474,24 +591,84 @@ impl Config {
             ));
         }
         self.tables.validate()?;
+        if self.cutover.fence == FenceKind::RevokeConnect && self.cutover.fence_roles.is_empty() {
+            return Err(ConfigError::Invalid(
+                "[cutover] fence = \"revoke-connect\" needs fence_roles (the application roles)"
+                    .into(),
+            ));
+        }
+        if self.cutover.fence == FenceKind::Hook && self.cutover.fence_hook.is_none() {
+            return Err(ConfigError::Invalid(
+                "[cutover] fence = \"hook\" needs fence_hook (a shell command)".into(),
+            ));
+        }
+        if self.cutover.sequence_margin < 0 || self.cutover.max_lag_bytes < 0 {
+            return Err(ConfigError::Invalid(
+                "[cutover] sequence_margin and max_lag_bytes must not be negative".into(),
+            ));
+        }
         self.hub_pg()?;
         self.member_pg()?;
         Ok(())
     }
 
-    /// Name of the hub's replication slot.
+    /// `switchback_<name>`, plus `_rev` for the member → hub direction.
+    fn direction_name(&self, direction: Direction) -> String {
+        match direction {
+            Direction::HubToMember => format!("switchback_{}", self.pipeline.name),
+            Direction::MemberToHub => format!("switchback_{}_rev", self.pipeline.name),
+        }
+    }
+
+    /// Name of the source's replication slot (the hub's, or the member's in the
+    /// reverse direction).
     pub fn slot_name(&self) -> String {
-        format!("switchback_{}", self.pipeline.name)
+        self.direction_name(self.direction)
     }
 
-    /// Name of the hub's publication.
+    /// Name of the source's publication.
     pub fn publication_name(&self) -> String {
-        format!("switchback_{}", self.pipeline.name)
+        self.direction_name(self.direction)
     }
 
-    /// Name of the member's replication origin (apply progress).
+    /// Name of the target's replication origin (apply progress).
     pub fn origin_name(&self) -> String {
-        format!("switchback_{}", self.pipeline.name)
+        self.direction_name(self.direction)
+    }
+
+    /// The origin the other direction's apply stamps its writes with: capture drops
+    /// transactions carrying it (they are echoes of what this pipeline applied).
+    pub fn echo_origin(&self) -> String {
+        self.direction_name(self.direction.opposite())
+    }
+
+    /// The same pipeline seen from the other direction: hub and member swapped,
+    /// names suffixed `_rev`, its own queue (`<queue.path>-reverse`).
+    pub fn reversed(&self) -> Config {
+        let mut c = self.clone();
+        std::mem::swap(&mut c.hub, &mut c.member);
+        c.direction = self.direction.opposite();
+        c.queue.path = match c.direction {
+            Direction::MemberToHub => {
+                let mut p = self.queue.path.clone().into_os_string();
+                p.push("-reverse");
+                PathBuf::from(p)
+            }
+            Direction::HubToMember => {
+                let s = self.queue.path.to_string_lossy();
+                PathBuf::from(s.strip_suffix("-reverse").unwrap_or(&s).to_string())
+            }
+        };
+        c
+    }
+
+    /// The config of the given direction (this one, or [`Config::reversed`]).
+    pub fn for_direction(&self, direction: Direction) -> Config {
+        if direction == self.direction {
+            self.clone()
+        } else {
+            self.reversed()
+        }
     }
 
     /// Connection settings of the hub, password resolved.
@@ -526,6 +703,13 @@ fn pg_config(section: &'static str, ep: &Endpoint) -> Result<tokio_postgres::Con
     if cfg.get_application_name().is_none() {
         cfg.application_name("switchback");
     }
+    // switchback's own sessions are never fenced: a read-only fence sets
+    // default_transaction_read_only on the database, the session overrides it.
+    let opts = match cfg.get_options() {
+        Some(o) => format!("{o} -c default_transaction_read_only=off"),
+        None => "-c default_transaction_read_only=off".to_string(),
+    };
+    cfg.options(&opts);
     Ok(cfg)
 }
 
@@ -612,6 +796,20 @@ mod tests {
         );
         let e = Config::parse(&bad, Path::new("x.toml")).unwrap_err();
         assert!(e.to_string().contains("both a source"), "{e}");
+    }
+
+    #[test]
+    fn reversed_swaps_sides_and_names() {
+        let c = Config::parse(MIN, Path::new("x.toml")).unwrap();
+        let r = c.reversed();
+        assert_eq!(r.slot_name(), "switchback_p1_rev");
+        assert_eq!(r.echo_origin(), "switchback_p1");
+        assert_eq!(c.echo_origin(), "switchback_p1_rev");
+        assert_eq!(r.hub_pg().unwrap().get_ports(), &[5433]);
+        assert_eq!(r.queue.path, PathBuf::from("/tmp/q-reverse"));
+        let back = r.reversed();
+        assert_eq!(back.queue.path, PathBuf::from("/tmp/q"));
+        assert_eq!(back.slot_name(), "switchback_p1");
     }
 
     #[test]

@@ -10,6 +10,9 @@ pub const CAPTURE_CHANGES_TOTAL: &str = "switchback_capture_changes_total";
 pub const CAPTURE_FLUSHES_TOTAL: &str = "switchback_capture_flushes_total";
 /// Transactions the hub sent again that were already stored (dropped).
 pub const CAPTURE_DUPLICATES_TOTAL: &str = "switchback_capture_duplicates_total";
+/// Transactions dropped by capture because they carry the other direction's
+/// replication origin (echoes of what switchback applied), label `direction`.
+pub const CAPTURE_ECHOES_DROPPED_TOTAL: &str = "switchback_capture_echoes_dropped_total";
 /// Reconnections of the replication stream.
 pub const CAPTURE_RECONNECTS_TOTAL: &str = "switchback_capture_reconnects_total";
 /// The LSN last acknowledged to the hub's slot (as a number).
@@ -38,3 +41,5 @@ pub const SEED_ROWS_TOTAL: &str = "switchback_seed_rows_total";
 pub const SEED_BYTES_TOTAL: &str = "switchback_seed_bytes_total";
 /// Tables whose seed finished (state `done`).
 pub const SEED_TABLES_DONE_TOTAL: &str = "switchback_seed_tables_done_total";
+/// Cutovers and rollbacks completed, label `kind` (cutover, rollback).
+pub const SWITCHES_TOTAL: &str = "switchback_switches_total";

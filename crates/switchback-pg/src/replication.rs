@@ -281,6 +281,9 @@ impl ReplicationClient {
             ("intervalstyle", "postgres"),
             ("extra_float_digits", "3"),
         ];
+        if let Some(options) = cfg.get_options() {
+            params.push(("options", options));
+        }
         if replication {
             params.push(("replication", "database"));
         }
