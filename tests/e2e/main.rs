@@ -4,3 +4,4 @@
 
 mod apply;
 mod capture;
+mod queue_conformance;

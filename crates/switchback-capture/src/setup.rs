@@ -1,6 +1,7 @@
 //! Hub preparation before streaming: preflight, publication(s), slot.
 
 use switchback_config::{Config, NoKeyPolicy};
+use switchback_core::Lsn;
 use switchback_pg::hub::{self, HubTable, PublicationSpec};
 use switchback_pg::PgError;
 
@@ -16,6 +17,8 @@ pub struct Plan {
     pub proto_version: u32,
     pub streaming: bool,
     pub tables: Vec<HubTable>,
+    /// The slot's confirmed position when capture started.
+    pub slot_start: Lsn,
 }
 
 /// Checks the hub, creates or updates the publication(s), then the slot.
@@ -101,7 +104,7 @@ pub async fn prepare(cfg: &Config) -> Result<Plan, CaptureError> {
         publications.push(ins_pub);
     }
     let slot = cfg.slot_name();
-    hub::ensure_slot(&session, &slot).await?;
+    let slot_start = hub::ensure_slot(&session, &slot).await?;
 
     let proto_version = if version >= 140000 { 2 } else { 1 };
     let streaming = cfg.capture.streaming && version >= 140000;
@@ -124,5 +127,6 @@ pub async fn prepare(cfg: &Config) -> Result<Plan, CaptureError> {
         proto_version,
         streaming,
         tables: all,
+        slot_start,
     })
 }

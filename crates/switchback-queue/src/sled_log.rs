@@ -10,7 +10,7 @@
 //!   arrive (bounded memory); a `data_id` is only reachable from a header once the
 //!   transaction commits.
 //! * `txns`: key `seq (u64 BE)` → envelope of [`StoredHeader`] (the transaction header,
-//!   its `data_id` and chunk count). Meta keys live in the same tree behind the prefix
+//!   its `data_id`, chunk count and `prev_end_lsn` for gap detection). Meta keys live in the same tree behind the prefix
 //!   `FF×8` (they sort after every seq): `last_end_lsn`, `acked`, `next_seq`.
 //!
 //! # Durability point
@@ -46,7 +46,7 @@ use serde::{Deserialize, Serialize};
 use switchback_core::record;
 use switchback_core::{Lsn, Record, TxnHeader};
 
-use crate::{Depth, OpenId, QueueError, QueueReader, QueueWriter, QueuedTxn};
+use crate::{Continuity, Depth, OpenId, QueueError, QueueReader, QueueWriter, QueuedTxn};
 
 const META_PREFIX: [u8; 8] = [0xff; 8];
 const META_LAST_END: &[u8] = b"\xff\xff\xff\xff\xff\xff\xff\xfflast_end_lsn";
@@ -59,6 +59,8 @@ pub struct StoredHeader {
     pub header: TxnHeader,
     pub data_id: u64,
     pub chunks: u32,
+    /// End LSN of the transaction committed before this one.
+    pub prev_end_lsn: Option<Lsn>,
 }
 
 struct OpenTxn {
@@ -82,6 +84,9 @@ pub struct SledLog {
     next_data_id: u64,
     open: std::collections::HashMap<OpenId, OpenTxn>,
     last_end: Option<Lsn>,
+    start: Option<Lsn>,
+    // reader state
+    continuity: std::sync::Mutex<Continuity>,
 }
 
 impl Clone for SledLog {
@@ -96,6 +101,8 @@ impl Clone for SledLog {
             next_data_id: self.next_data_id,
             open: Default::default(),
             last_end: self.last_end,
+            start: None,
+            continuity: Default::default(),
         }
     }
 }
@@ -179,6 +186,8 @@ impl SledLog {
             next_data_id: 1,
             open: Default::default(),
             last_end: None,
+            start: None,
+            continuity: Default::default(),
         };
         log.recover()?;
         Ok(log)
@@ -262,6 +271,7 @@ impl SledLog {
             .map(|r| {
                 r.map(|(seq, h)| QueuedTxn {
                     seq,
+                    prev_end_lsn: h.prev_end_lsn,
                     header: h.header,
                 })
             })
@@ -393,6 +403,7 @@ impl QueueWriter for SledLog {
             header: header.clone(),
             data_id: t.data_id,
             chunks: t.chunks,
+            prev_end_lsn: self.last_end.or(self.start),
         };
         // The header is the commit point. The meta keys summarise headers only once
         // they are deleted (see ack); until then recovery reads the headers.
@@ -412,6 +423,10 @@ impl QueueWriter for SledLog {
     fn last_end_lsn(&self) -> Option<Lsn> {
         self.last_end
     }
+
+    fn start_at(&mut self, lsn: Lsn) {
+        self.start = Some(lsn);
+    }
 }
 
 impl QueueReader for SledLog {
@@ -421,10 +436,16 @@ impl QueueReader for SledLog {
             Some(kv) => {
                 let (k, v) = kv.map_err(|e| self.storage(e))?;
                 let h: StoredHeader = record::decode(&v)?;
-                Ok(Some(QueuedTxn {
+                let t = QueuedTxn {
                     seq: read_u64(&k)?,
+                    prev_end_lsn: h.prev_end_lsn,
                     header: h.header,
-                }))
+                };
+                self.continuity
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .check(&t)?;
+                Ok(Some(t))
             }
         }
     }
@@ -483,6 +504,14 @@ impl QueueReader for SledLog {
             self.txns.remove(k).map_err(|e| self.storage(e))?;
             self.remove_prefix(data_id)?;
         }
+        Ok(())
+    }
+
+    fn resume(&self, applied: Lsn) -> Result<(), QueueError> {
+        self.continuity
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .resume(applied);
         Ok(())
     }
 
