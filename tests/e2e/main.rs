@@ -4,4 +4,5 @@
 
 mod apply;
 mod capture;
+mod kafka;
 mod queue_conformance;

@@ -934,14 +934,16 @@ impl QueueReader for KafkaReader {
 /// Messages in the topic after the consumer group's committed offset (what apply
 /// has not acknowledged yet), for `switchback status`.
 pub fn backlog_messages(opts: &KafkaOptions) -> Result<i64, QueueError> {
+    // `status` must answer even when the broker does not.
+    const STATUS_TIMEOUT: Duration = Duration::from_secs(3);
     let c = opts.consumer(&opts.group_id, false)?;
     let (low, high) = c
-        .fetch_watermarks(&opts.topic, PARTITION, REQUEST_TIMEOUT)
+        .fetch_watermarks(&opts.topic, PARTITION, STATUS_TIMEOUT)
         .map_err(|e| opts.err("cannot read the topic's offsets", e))?;
     let mut tpl = TopicPartitionList::new();
     tpl.add_partition(&opts.topic, PARTITION);
     let committed = c
-        .committed_offsets(tpl, REQUEST_TIMEOUT)
+        .committed_offsets(tpl, STATUS_TIMEOUT)
         .map_err(|e| opts.err("cannot read the committed offset", e))?;
     let at = match committed
         .find_partition(&opts.topic, PARTITION)
