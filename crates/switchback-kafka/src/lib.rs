@@ -543,7 +543,10 @@ struct State {
     ready: VecDeque<Ready>,
     mem: usize,
     mem_limit: usize,
-    eof: bool,
+    /// The last consumer event was the end of the partition.
+    at_end: bool,
+    /// The end of the partition was reached at least once.
+    seen_end: bool,
     acked: Option<u64>,
     continuity: Continuity,
 }
@@ -600,7 +603,8 @@ impl KafkaReader {
                     ready: VecDeque::new(),
                     mem: 0,
                     mem_limit: opts.reader_memory_bytes,
-                    eof: false,
+                    at_end: false,
+                    seen_end: false,
                     acked: None,
                     continuity: Continuity::default(),
                 },
@@ -616,6 +620,11 @@ impl KafkaReader {
 }
 
 impl State {
+    fn ready(&self, seq: u64) -> Option<&Ready> {
+        let i = self.ready.partition_point(|r| r.txn.seq < seq);
+        self.ready.get(i).filter(|r| r.txn.seq == seq)
+    }
+
     fn ingest(&mut self, offset: i64, payload: &[u8]) -> Result<(), QueueError> {
         let (head, body) = unframe(payload)?;
         let w = match &head {
@@ -716,6 +725,17 @@ impl State {
                         o.chunks.len()
                     )));
                 }
+                if let Some(last) = self.ready.back() {
+                    if seq <= last.txn.seq {
+                        // A writer started over on a topic that lost its tail.
+                        return Err(QueueError::Gap {
+                            after: last.txn.header.end_lsn,
+                            upto: prev_end_lsn.unwrap_or(header.commit_lsn),
+                            next_seq: seq,
+                            missing_seqs: None,
+                        });
+                    }
+                }
                 let restart = self
                     .open
                     .values()
@@ -784,7 +804,9 @@ impl QueueReader for KafkaReader {
         let Inner { consumer, s, .. } = &mut *g;
         let started = Instant::now();
         loop {
-            if let Some(r) = s.ready.iter().find(|r| r.txn.seq >= from) {
+            // `ready` is in seq order.
+            let i = s.ready.partition_point(|r| r.txn.seq < from);
+            if let Some(r) = s.ready.get(i) {
                 let t = r.txn.clone();
                 s.continuity.check(&t)?;
                 return Ok(Some(t));
@@ -792,27 +814,35 @@ impl QueueReader for KafkaReader {
             if s.ready.len() >= MAX_READY {
                 return Ok(None);
             }
-            // Until the end of the partition was seen once, wait a little for the
-            // first fetches: "nothing yet" must not read as "empty".
-            let wait = if s.eof {
+            // At the end of the partition: nothing more now. Otherwise more is
+            // on its way (the fetch after this one): wait for it a little rather
+            // than have apply sleep; until the end was reached once, "nothing
+            // yet" must not read as "empty" (`apply --until-empty`).
+            let wait = if s.at_end {
                 Duration::ZERO
             } else {
-                Duration::from_millis(100)
+                Duration::from_millis(20)
             };
             match consumer.poll(wait) {
                 Some(Ok(m)) => {
+                    s.at_end = false;
                     let offset = m.offset();
                     s.ingest(offset, m.payload().unwrap_or_default())?;
                 }
                 Some(Err(KafkaError::PartitionEOF(_))) => {
-                    s.eof = true;
+                    s.at_end = true;
+                    s.seen_end = true;
                     return Ok(None);
                 }
                 Some(Err(e)) => {
                     tracing::warn!(error = %e, topic = %s.topic, "kafka consumer");
                     return Ok(None);
                 }
-                None if s.eof || started.elapsed() > REQUEST_TIMEOUT => return Ok(None),
+                None if s.at_end => return Ok(None),
+                None if s.seen_end && started.elapsed() > Duration::from_millis(200) => {
+                    return Ok(None)
+                }
+                None if started.elapsed() > REQUEST_TIMEOUT => return Ok(None),
                 None => {}
             }
         }
@@ -822,13 +852,9 @@ impl QueueReader for KafkaReader {
         let seq = txn.seq;
         let n = {
             let g = self.lock();
-            g.s.ready
-                .iter()
-                .find(|r| r.txn.seq == seq)
-                .map(|r| r.chunks.len())
-                .ok_or_else(|| {
-                    QueueError::Corrupt(format!("transaction seq {seq} is not in the reader"))
-                })?
+            g.s.ready(seq).map(|r| r.chunks.len()).ok_or_else(|| {
+                QueueError::Corrupt(format!("transaction seq {seq} is not in the reader"))
+            })?
         };
         let mut i = 0;
         Ok(Box::new(std::iter::from_fn(move || {
@@ -838,7 +864,7 @@ impl QueueReader for KafkaReader {
             i += 1;
             let mut g = self.lock();
             let Inner { fetcher, s, .. } = &mut *g;
-            let Some(r) = s.ready.iter().find(|r| r.txn.seq == seq) else {
+            let Some(r) = s.ready(seq) else {
                 return Some(Err(QueueError::Corrupt(format!(
                     "transaction seq {seq} was acknowledged while being read"
                 ))));
