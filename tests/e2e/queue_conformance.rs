@@ -268,6 +268,8 @@ async fn redelivery_after_crash<B: Backend>(mut b: B) {
     drop(r);
     b.restart();
     let r = b.reader().await;
+    // As apply does: the member applied up to the acknowledged transaction.
+    r.resume(Lsn(400)).unwrap();
     let from = r.acked().unwrap().map_or(0, |a| a + 1);
     let got = read_n(&r, from, 2);
     assert_eq!(got[0].0.seq, 5);
@@ -445,6 +447,59 @@ async fn gap_detection<B: Backend>(mut b: B) {
     assert_eq!(got[0].0.header.end_lsn, Lsn(600));
 }
 
+/// A reader restarted after acknowledging a transaction committed while another
+/// was still open (protocol streaming interleaves them): it delivers the open one
+/// whole, and nothing applied is handed out again except at or below the
+/// member's progress (which apply skips).
+async fn restart_mid_interleave<B: Backend>(mut b: B) {
+    let mut w = b.writer().await;
+    let y = w.open();
+    w.append(y, 1, &[rec("y", 1)]).unwrap();
+    let t = w.open();
+    w.append(t, 2, &[rec("t", 1)]).unwrap();
+    w.commit(y, header(1, 100)).unwrap();
+    let x = w.open();
+    w.append(x, 3, &[rec("x", 1)]).unwrap();
+    w.commit(x, header(3, 200)).unwrap();
+    w.append(t, 2, &[rec("t", 2)]).unwrap();
+    w.commit(t, header(2, 300)).unwrap();
+    w.flush().await.unwrap();
+    drop(w);
+    let r = b.reader().await;
+    r.resume(Lsn::ZERO).unwrap();
+    let got = read_n(&r, 0, 3);
+    assert_eq!(got[2].1, vec![rec("t", 1), rec("t", 2)]);
+    // The member applied y and x, then acknowledged x.
+    r.ack(got[1].0.seq).unwrap();
+    drop(r);
+    b.restart();
+    let r = b.reader().await;
+    r.resume(Lsn(200)).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut from = r.acked().unwrap().map_or(0, |a| a + 1);
+    loop {
+        match r.next_from(from).unwrap() {
+            Some(txn) => {
+                let recs: Vec<Record> = r.records(&txn).unwrap().flat_map(|c| c.unwrap()).collect();
+                from = txn.seq + 1;
+                if txn.header.end_lsn == Lsn(300) {
+                    assert_eq!(recs, vec![rec("t", 1), rec("t", 2)]);
+                    break;
+                }
+                assert!(
+                    txn.header.end_lsn <= Lsn(200),
+                    "only applied transactions may come again: {txn:?}"
+                );
+            }
+            None => {
+                assert!(Instant::now() < deadline, "the open transaction never came");
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+    }
+    assert_eq!(r.next_from(from).unwrap(), None);
+}
+
 macro_rules! conformance {
     ($($case:ident),*) => {
         mod sled {
@@ -464,5 +519,6 @@ conformance!(
     large_transaction,
     empty_queue,
     producer_restart_mid_transaction,
-    gap_detection
+    gap_detection,
+    restart_mid_interleave
 );

@@ -64,10 +64,14 @@ impl Broker {
     pub fn dedicated() -> Broker {
         let port = free_port();
         let n = unique();
-        let pidfile = scratch_root().join(format!("tansu-{port}-{n}.pid"));
+        // Not under the scratch root: its own reaper may remove that first.
+        let pidfile = std::env::temp_dir().join(format!(
+            "switchback-tansu-{}-{port}-{n}.pid",
+            std::process::id()
+        ));
         let log = scratch_root().join(format!("tansu-{port}-{n}.log"));
         let reaper = Reaper::spawn(
-            "kill -9 $(cat \"$1\" 2>/dev/null) 2>/dev/null",
+            "kill -9 $(cat \"$1\" 2>/dev/null) 2>/dev/null; rm -f \"$1\"",
             &[pidfile.to_str().unwrap()],
         );
         let b = Broker {

@@ -5,8 +5,10 @@
 //!
 //! One topic per pipeline and direction, **one partition** (partition 0): Kafka
 //! keeps the order of a partition, so commit order is the partition's order.
-//! Every message value is a *frame*: `head_len (u32 BE) ++ envelope(Head) ++ body`
-//! (envelope = the versioned bincode record format of `switchback-core`).
+//! Every message value is one or more *frames*, each `head_len (u32 BE) ++
+//! body_len (u32 BE) ++ envelope(Head) ++ body` (envelope = the versioned bincode
+//! record format of `switchback-core`). The writer packs frames into a message
+//! until it is full or capture flushes: small transactions share messages.
 //!
 //! * `Chunk { writer, open, subxid, part, parts }`: a piece of an in-progress
 //!   transaction. The body is a slice of `envelope(Vec<Record>)`, one capture
@@ -191,21 +193,39 @@ enum Head {
     },
 }
 
-fn frame(head: &Head, body: &[u8]) -> Result<Vec<u8>, QueueError> {
+/// Appends one frame: `head_len (u32 BE) ++ body_len (u32 BE) ++ envelope(head) ++ body`.
+fn frame_into(out: &mut Vec<u8>, head: &Head, body: &[u8]) -> Result<(), QueueError> {
     let h = record::encode(head)?;
-    let mut out = Vec::with_capacity(4 + h.len() + body.len());
+    out.reserve(8 + h.len() + body.len());
     out.extend_from_slice(&(h.len() as u32).to_be_bytes());
+    out.extend_from_slice(&(body.len() as u32).to_be_bytes());
     out.extend_from_slice(&h);
     out.extend_from_slice(body);
-    Ok(out)
+    Ok(())
 }
 
-fn unframe(v: &[u8]) -> Result<(Head, &[u8]), QueueError> {
-    let corrupt = || QueueError::Corrupt("kafka message shorter than its frame head".into());
-    let len: [u8; 4] = v.get(..4).ok_or_else(corrupt)?.try_into().unwrap();
-    let len = u32::from_be_bytes(len) as usize;
-    let head = v.get(4..4 + len).ok_or_else(corrupt)?;
-    Ok((record::decode(head)?, &v[4 + len..]))
+/// The frames of one message, in order.
+fn unframe(mut v: &[u8]) -> impl Iterator<Item = Result<(Head, &[u8]), QueueError>> {
+    std::iter::from_fn(move || {
+        if v.is_empty() {
+            return None;
+        }
+        let corrupt = || QueueError::Corrupt("kafka message shorter than its frame".into());
+        let r = (|| {
+            let hl = u32::from_be_bytes(v.get(..4).ok_or_else(corrupt)?.try_into().unwrap());
+            let bl = u32::from_be_bytes(v.get(4..8).ok_or_else(corrupt)?.try_into().unwrap());
+            let (hl, bl) = (hl as usize, bl as usize);
+            let head = v.get(8..8 + hl).ok_or_else(corrupt)?;
+            let body = v.get(8 + hl..8 + hl + bl).ok_or_else(corrupt)?;
+            let head = record::decode(head)?;
+            v = &v[8 + hl + bl..];
+            Ok((head, body))
+        })();
+        if r.is_err() {
+            v = &[];
+        }
+        Some(r)
+    })
 }
 
 /// A fresh id per writer process.
@@ -240,6 +260,8 @@ pub struct KafkaWriter {
     next_open: OpenId,
     open: HashMap<OpenId, WOpen>,
     pending: VecDeque<DeliveryFuture>,
+    /// Frames not sent yet: several per message, up to `part_bytes`.
+    buf: Vec<u8>,
     next_seq: u64,
     last_end: Option<Lsn>,
     start: Option<Lsn>,
@@ -286,10 +308,33 @@ impl KafkaWriter {
             next_open: 1,
             open: HashMap::new(),
             pending: VecDeque::new(),
+            buf: Vec::new(),
             next_seq,
             last_end,
             start: None,
         })
+    }
+
+    /// Adds a frame to the message being built; sends it when full.
+    fn push(&mut self, head: &Head, body: &[u8]) -> Result<(), QueueError> {
+        if !self.buf.is_empty() && self.buf.len() + body.len() + 256 > self.part_bytes {
+            self.send_buf()?;
+        }
+        let mut buf = std::mem::take(&mut self.buf);
+        frame_into(&mut buf, head, body)?;
+        self.buf = buf;
+        if self.buf.len() >= self.part_bytes {
+            self.send_buf()?;
+        }
+        Ok(())
+    }
+
+    fn send_buf(&mut self) -> Result<(), QueueError> {
+        if self.buf.is_empty() {
+            return Ok(());
+        }
+        let payload = std::mem::take(&mut self.buf);
+        self.send(&payload)
     }
 
     fn send(&mut self, payload: &[u8]) -> Result<(), QueueError> {
@@ -338,10 +383,10 @@ fn read_tail(opts: &KafkaOptions) -> Result<Option<(u64, Lsn)>, QueueError> {
                     if m.offset() >= hi {
                         break;
                     }
-                    if let (Head::Commit { seq, header, .. }, _) =
-                        unframe(m.payload().unwrap_or_default())?
-                    {
-                        last = Some((seq, header.end_lsn));
+                    for f in unframe(m.payload().unwrap_or_default()) {
+                        if let (Head::Commit { seq, header, .. }, _) = f? {
+                            last = Some((seq, header.end_lsn));
+                        }
                     }
                     if m.offset() == hi - 1 {
                         break;
@@ -390,7 +435,7 @@ impl QueueWriter for KafkaWriter {
         let parts: Vec<&[u8]> = body.chunks(self.part_bytes).collect();
         let n = parts.len() as u32;
         for (i, p) in parts.into_iter().enumerate() {
-            let f = frame(
+            self.push(
                 &Head::Chunk {
                     writer: self.writer,
                     open: id,
@@ -400,7 +445,6 @@ impl QueueWriter for KafkaWriter {
                 },
                 p,
             )?;
-            self.send(&f)?;
         }
         let t = self.open.get_mut(&id).ok_or(QueueError::UnknownOpen(id))?;
         let e = t.subx.entry(subxid).or_default();
@@ -412,14 +456,13 @@ impl QueueWriter for KafkaWriter {
 
     fn discard(&mut self, id: OpenId) -> Result<(), QueueError> {
         self.open.remove(&id).ok_or(QueueError::UnknownOpen(id))?;
-        let f = frame(
+        self.push(
             &Head::Discard {
                 writer: self.writer,
                 open: id,
             },
             &[],
-        )?;
-        self.send(&f)
+        )
     }
 
     fn discard_subxact(&mut self, id: OpenId, subxid: u32) -> Result<(), QueueError> {
@@ -427,15 +470,14 @@ impl QueueWriter for KafkaWriter {
         if t.subx.remove(&subxid).is_none() {
             return Ok(());
         }
-        let f = frame(
+        self.push(
             &Head::DiscardSubxact {
                 writer: self.writer,
                 open: id,
                 subxid,
             },
             &[],
-        )?;
-        self.send(&f)
+        )
     }
 
     fn commit(&mut self, id: OpenId, mut header: TxnHeader) -> Result<u64, QueueError> {
@@ -456,7 +498,7 @@ impl QueueWriter for KafkaWriter {
         header.bytes = bytes;
         let seq = self.next_seq;
         let end = header.end_lsn;
-        let f = frame(
+        self.push(
             &Head::Commit {
                 writer: self.writer,
                 open: id,
@@ -467,13 +509,13 @@ impl QueueWriter for KafkaWriter {
             },
             &[],
         )?;
-        self.send(&f)?;
         self.next_seq += 1;
         self.last_end = Some(end);
         Ok(seq)
     }
 
     async fn flush(&mut self) -> Result<(), QueueError> {
+        self.send_buf()?;
         while let Some(f) = self.pending.pop_front() {
             match f.await {
                 Ok(Ok(_)) => {}
@@ -503,7 +545,8 @@ impl QueueWriter for KafkaWriter {
 
 enum Piece {
     Mem(Vec<u8>),
-    At(i64),
+    /// Offset of the message, index of the frame in it.
+    At(i64, usize),
 }
 
 struct RChunk {
@@ -549,17 +592,52 @@ struct State {
     seen_end: bool,
     acked: Option<u64>,
     continuity: Continuity,
+    /// The member's progress, once apply said it (`resume`).
+    applied: Option<Lsn>,
 }
 
 struct Fetcher {
     consumer: BaseConsumer,
     next: i64,
+    /// The last message read back (its other frames are likely next).
+    last: Option<(i64, std::sync::Arc<Vec<u8>>)>,
 }
 
 struct Inner {
     consumer: BaseConsumer,
     fetcher: Option<Fetcher>,
     s: State,
+    /// Offset acknowledged and not committed to the group yet.
+    uncommitted: Option<i64>,
+    last_commit: Instant,
+}
+
+/// Group offset commits are asynchronous and at most this often (and once more,
+/// synchronously, when the reader is dropped): a lost one only means redelivery,
+/// which apply deduplicates by LSN.
+const COMMIT_INTERVAL: Duration = Duration::from_millis(200);
+
+impl Inner {
+    fn commit_offset(&mut self, opts: &KafkaOptions, mode: CommitMode) {
+        let Some(offset) = self.uncommitted.take() else {
+            return;
+        };
+        self.last_commit = Instant::now();
+        let mut tpl = TopicPartitionList::new();
+        let r = tpl
+            .add_partition_offset(&opts.topic, PARTITION, Offset::Offset(offset))
+            .and_then(|()| self.consumer.commit(&tpl, mode));
+        if let Err(e) = r {
+            tracing::warn!(error = %e, topic = %opts.topic, "cannot commit the consumer offset");
+        }
+    }
+}
+
+impl Drop for KafkaReader {
+    fn drop(&mut self) {
+        let opts = self.opts.clone();
+        self.lock().commit_offset(&opts, CommitMode::Sync);
+    }
 }
 
 /// The apply side: a consumer of the topic's single partition.
@@ -596,6 +674,8 @@ impl KafkaReader {
             inner: Mutex::new(Inner {
                 consumer,
                 fetcher: None,
+                uncommitted: None,
+                last_commit: Instant::now(),
                 s: State {
                     topic: opts.topic.clone(),
                     writer: None,
@@ -607,6 +687,7 @@ impl KafkaReader {
                     seen_end: false,
                     acked: None,
                     continuity: Continuity::default(),
+                    applied: None,
                 },
             }),
             opts,
@@ -626,7 +707,23 @@ impl State {
     }
 
     fn ingest(&mut self, offset: i64, payload: &[u8]) -> Result<(), QueueError> {
-        let (head, body) = unframe(payload)?;
+        let mut frames = unframe(payload).enumerate().peekable();
+        while let Some((index, f)) = frames.next() {
+            let (head, body) = f?;
+            let last = frames.peek().is_none();
+            self.ingest_frame(offset, index, last, head, body)?;
+        }
+        Ok(())
+    }
+
+    fn ingest_frame(
+        &mut self,
+        offset: i64,
+        index: usize,
+        last: bool,
+        head: Head,
+        body: &[u8],
+    ) -> Result<(), QueueError> {
         let w = match &head {
             Head::Chunk { writer, .. }
             | Head::DiscardSubxact { writer, .. }
@@ -668,7 +765,7 @@ impl State {
                 let (piece, mem) = if self.mem + body.len() <= self.mem_limit {
                     (Piece::Mem(body.to_vec()), body.len())
                 } else {
-                    (Piece::At(offset), 0)
+                    (Piece::At(offset, index), 0)
                 };
                 self.mem += mem;
                 if part == 0 {
@@ -716,7 +813,14 @@ impl State {
                 ..
             } => {
                 let o = self.open.remove(&(w, open)).unwrap_or_default();
-                if o.chunks.len() != chunks as usize || o.partial.is_some() {
+                let complete = o.chunks.len() == chunks as usize && o.partial.is_none();
+                if self.applied.is_some_and(|a| header.end_lsn <= a) {
+                    // Applied already (re-read after a restart: the group offset
+                    // is per message, and its chunks may even precede it).
+                    self.mem -= o.mem();
+                    return Ok(());
+                }
+                if !complete {
                     return Err(QueueError::Corrupt(format!(
                         "topic {}: transaction seq {seq} (ending at {}) has {} of its {chunks} chunks: \
                          the topic lost messages; re-seed the member",
@@ -742,7 +846,9 @@ impl State {
                     .map(|o| o.first_offset)
                     .min()
                     .unwrap_or(i64::MAX)
-                    .min(offset + 1);
+                    // Frames after this commit in the same message are needed
+                    // again: restart at the message then.
+                    .min(if last { offset + 1 } else { offset });
                 self.ready.push_back(Ready {
                     txn: QueuedTxn {
                         seq,
@@ -760,7 +866,16 @@ impl State {
 
 impl Fetcher {
     /// Reads back the message at `offset` (chunks kept by offset only).
-    fn fetch(&mut self, opts: &KafkaOptions, offset: i64) -> Result<Vec<u8>, QueueError> {
+    fn fetch(
+        &mut self,
+        opts: &KafkaOptions,
+        offset: i64,
+    ) -> Result<std::sync::Arc<Vec<u8>>, QueueError> {
+        if let Some((o, m)) = &self.last {
+            if *o == offset {
+                return Ok(m.clone());
+            }
+        }
         if self.next != offset {
             let mut tpl = TopicPartitionList::new();
             tpl.add_partition_offset(&opts.topic, PARTITION, Offset::Offset(offset))
@@ -775,7 +890,9 @@ impl Fetcher {
             match self.consumer.poll(Duration::from_millis(500)) {
                 Some(Ok(m)) if m.offset() == offset => {
                     self.next = offset + 1;
-                    return Ok(m.payload().unwrap_or_default().to_vec());
+                    let m = std::sync::Arc::new(m.payload().unwrap_or_default().to_vec());
+                    self.last = Some((offset, m.clone()));
+                    return Ok(m);
                 }
                 Some(Ok(m)) if m.offset() < offset => {}
                 Some(Ok(m)) => {
@@ -801,6 +918,9 @@ impl Fetcher {
 impl QueueReader for KafkaReader {
     fn next_from(&self, from: u64) -> Result<Option<QueuedTxn>, QueueError> {
         let mut g = self.lock();
+        if g.uncommitted.is_some() && g.last_commit.elapsed() >= COMMIT_INTERVAL {
+            g.commit_offset(&self.opts, CommitMode::Async);
+        }
         let Inner { consumer, s, .. } = &mut *g;
         let started = Instant::now();
         loop {
@@ -877,7 +997,7 @@ impl QueueReader for KafkaReader {
                 for p in &chunk.pieces {
                     match p {
                         Piece::Mem(b) => body.extend_from_slice(b),
-                        Piece::At(off) => {
+                        Piece::At(off, index) => {
                             let f = match fetcher {
                                 Some(f) => f,
                                 None => {
@@ -891,6 +1011,7 @@ impl QueueReader for KafkaReader {
                                     fetcher.insert(Fetcher {
                                         consumer: c,
                                         next: -1,
+                                        last: None,
                                     })
                                 }
                             };
@@ -898,9 +1019,15 @@ impl QueueReader for KafkaReader {
                                 Ok(m) => m,
                                 Err(e) => return Some(Err(e)),
                             };
-                            match unframe(&msg) {
-                                Ok((_, b)) => body.extend_from_slice(b),
-                                Err(e) => return Some(Err(e)),
+                            let frame = unframe(&msg).nth(*index);
+                            match frame {
+                                Some(Ok((_, b))) => body.extend_from_slice(b),
+                                Some(Err(e)) => return Some(Err(e)),
+                                None => {
+                                    return Some(Err(QueueError::Corrupt(format!(
+                                        "kafka message at offset {off} has no frame {index}"
+                                    ))))
+                                }
                             }
                         }
                     }
@@ -913,7 +1040,7 @@ impl QueueReader for KafkaReader {
 
     fn ack(&self, upto: u64) -> Result<(), QueueError> {
         let mut g = self.lock();
-        let Inner { consumer, s, .. } = &mut *g;
+        let s = &mut g.s;
         let mut restart = None;
         while s.ready.front().is_some_and(|r| r.txn.seq <= upto) {
             let r = s.ready.pop_front().expect("checked");
@@ -922,13 +1049,9 @@ impl QueueReader for KafkaReader {
         }
         s.acked = s.acked.max(Some(upto));
         if let (Some(restart), false) = (restart, self.readonly) {
-            let mut tpl = TopicPartitionList::new();
-            tpl.add_partition_offset(&self.opts.topic, PARTITION, Offset::Offset(restart))
-                .map_err(|e| self.opts.err("cannot commit the consumer offset", e))?;
-            // Synchronous, so that a restart resumes where acknowledged; a failed
-            // commit only means redelivery, which apply deduplicates by LSN.
-            if let Err(e) = consumer.commit(&tpl, CommitMode::Sync) {
-                tracing::warn!(error = %e, topic = %self.opts.topic, "cannot commit the consumer offset");
+            g.uncommitted = Some(restart);
+            if g.last_commit.elapsed() >= COMMIT_INTERVAL {
+                g.commit_offset(&self.opts, CommitMode::Async);
             }
         }
         Ok(())
@@ -952,7 +1075,9 @@ impl QueueReader for KafkaReader {
     }
 
     fn resume(&self, applied: Lsn) -> Result<(), QueueError> {
-        self.lock().s.continuity.resume(applied);
+        let mut g = self.lock();
+        g.s.continuity.resume(applied);
+        g.s.applied = Some(applied);
         Ok(())
     }
 }
@@ -994,10 +1119,16 @@ mod tests {
             part: 0,
             parts: 1,
         };
-        let f = frame(&h, b"body").unwrap();
-        let (h2, body) = unframe(&f).unwrap();
-        assert!(matches!(h2, Head::Chunk { open: 2, .. }));
-        assert_eq!(body, b"body");
-        assert!(unframe(&f[..3]).is_err());
+        let mut f = Vec::new();
+        frame_into(&mut f, &h, b"body").unwrap();
+        frame_into(&mut f, &Head::Discard { writer: 1, open: 2 }, b"").unwrap();
+        let got: Vec<_> = unframe(&f).map(|r| r.unwrap()).collect();
+        assert_eq!(got.len(), 2);
+        assert!(matches!(got[0].0, Head::Chunk { open: 2, .. }));
+        assert_eq!(got[0].1, b"body");
+        assert!(matches!(got[1].0, Head::Discard { open: 2, .. }));
+        assert!(got[1].1.is_empty());
+        let cut: Vec<_> = unframe(&f[..f.len() - 1]).collect();
+        assert!(cut[1].is_err());
     }
 }
