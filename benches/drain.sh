@@ -5,6 +5,8 @@
 #
 #   benches/drain.sh                 # TXNS=20000 SCALE=10 RUNS=1
 #   TXNS=20000 RUNS=3 benches/drain.sh
+#   KAFKA=1 benches/drain.sh         # also `switchback capture` + `switchback apply` over
+#                                    # Kafka (a tansu broker, memory storage), same backlog
 #
 # Method (as ../shared/bench/native-peers.sh): both slots exist before the
 # backlog is written; the clock starts when the consumer is enabled and stops
@@ -12,20 +14,29 @@
 set -euo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)
 source "$here/scripts/cluster.sh"
-TXNS=${TXNS:-20000} SCALE=${SCALE:-10} RUNS=${RUNS:-1}
+TXNS=${TXNS:-20000} SCALE=${SCALE:-10} RUNS=${RUNS:-1} KAFKA=${KAFKA:-0}
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$HOME/.cache/switchback-target}
 (cd "$here" && cargo build --release -q -p switchback-cli)
 SB=$CARGO_TARGET_DIR/release/switchback
 HP=$(free_port); MP=$(free_port)
 trap 'kill $(jobs -p) 2>/dev/null || true; cluster_destroy hub; cluster_destroy member; rm -rf "$SB_ROOT"' EXIT
 cluster_start hub "$HP"; cluster_start member "$MP"
+DBS="native sb"
+if [ "$KAFKA" = 1 ]; then
+  KP=$(free_port)
+  TANSU=$(command -v tansu || echo "$HOME/.cargo/bin/tansu")
+  "$TANSU" broker --listener-url "tcp://127.0.0.1:$KP" --advertised-listener-url "tcp://127.0.0.1:$KP" \
+    --storage-engine memory://tansu/ >"$SB_ROOT/tansu.log" 2>&1 &
+  until (exec 3<>"/dev/tcp/127.0.0.1/$KP") 2>/dev/null; do sleep 0.1; done
+  DBS="native sb kf"
+fi
 H() { psql -h 127.0.0.1 -p "$HP" -U postgres -X -q -v ON_ERROR_STOP=1 "$@"; }
 M() { psql -h 127.0.0.1 -p "$MP" -U postgres -X -q -v ON_ERROR_STOP=1 "$@"; }
 now() { date +%s.%N; }
 
 "$PG_BIN/pgbench" -h 127.0.0.1 -p "$HP" -U postgres -i -s "$SCALE" -q postgres >/dev/null 2>&1
 H -c "alter table pgbench_history add column hid bigserial primary key"
-for db in native sb; do
+for db in $DBS; do
   M -c "create database $db"
   "$PG_BIN/pg_dump" -h 127.0.0.1 -p "$HP" -U postgres postgres | M -d "$db" >/dev/null
 done
@@ -45,6 +56,28 @@ TOML
 "$SB" --log warn capture --config "$SB_ROOT/sb.toml" & pid=$!
 until [ "$(H -Atc "select count(*) from pg_replication_slots where slot_name = 'switchback_bench'")" = 1 ]; do sleep 0.1; done
 kill -INT $pid; wait $pid
+if [ "$KAFKA" = 1 ]; then
+  # batch.num.messages = 1: tansu 0.6 mis-serves fetches inside multi-message
+  # batches (see docs/ARCHITECTURE.md, known limits); real Kafka needs no such line.
+  cat > "$SB_ROOT/kf.toml" <<TOML
+[hub]
+url = "postgres://postgres@127.0.0.1:$HP/postgres"
+[member]
+url = "postgres://postgres@127.0.0.1:$MP/kf"
+[pipeline]
+name = "benchk"
+[queue]
+kind = "kafka"
+brokers = "127.0.0.1:$KP"
+replication_factor = 1
+path = "$SB_ROOT/kfq"
+[queue.kafka]
+"batch.num.messages" = "1"
+TOML
+  "$SB" --log warn capture --config "$SB_ROOT/kf.toml" & pid=$!
+  until [ "$(H -Atc "select count(*) from pg_replication_slots where slot_name = 'switchback_benchk'")" = 1 ]; do sleep 0.1; done
+  kill -INT $pid; wait $pid
+fi
 
 HIST="select count(*) || ':' || coalesce(max(hid), 0) from pgbench_history"
 wait_rows() { # db want: until the member's history matches the hub's exactly
@@ -62,11 +95,25 @@ for run in $(seq 1 "$RUNS"); do
   kill -INT $pid; wait $pid
   printf 'run %d: txns %d  native_drain %.2f s  switchback_drain %.2f s  ratio switchback/native %.2f\n' \
     "$run" "$TXNS" "$native" "$sb" "$(echo "$sb / $native" | bc -l)"
+  if [ "$KAFKA" = 1 ]; then
+    t=$(now)
+    "$SB" --log warn capture --config "$SB_ROOT/kf.toml" 2>>"$SB_ROOT/kf-capture.log" & cpid=$!
+    "$SB" --log warn apply --config "$SB_ROOT/kf.toml" 2>>"$SB_ROOT/kf-apply.log" & apid=$!
+    wait_rows kf "$want"
+    kf=$(echo "$(now) - $t" | bc)
+    kill -INT $cpid $apid; wait $cpid $apid
+    printf 'run %d: txns %d  kafka_drain %.2f s  ratio kafka/native %.2f  ratio kafka/sled %.2f\n' \
+      "$run" "$TXNS" "$kf" "$(echo "$kf / $native" | bc -l)" "$(echo "$kf / $sb" | bc -l)"
+  fi
 done
 # The two members must be equal to the hub.
 for t in pgbench_accounts pgbench_branches pgbench_tellers pgbench_history; do
   q="select count(*) || ':' || md5(string_agg(x::text, ',' order by x::text)) from $t x"
   h=$(H -Atc "$q"); n=$(M -d native -Atc "$q"); s=$(M -d sb -Atc "$q")
+  if [ "$KAFKA" = 1 ]; then
+    k=$(M -d kf -Atc "$q")
+    [ "$h" = "$k" ] || { echo "MISMATCH in $t: hub $h kafka $k"; tail -30 "$SB_ROOT"/kf-*.log; exit 1; }
+  fi
   [ "$h" = "$s" ] && [ "$h" = "$n" ] || { echo "MISMATCH in $t: hub $h native $n switchback $s"; grep -v "hub wins" "$SB_ROOT/run.log" | tail -30; exit 1; }
 done
 echo "members equal to the hub"

@@ -4,6 +4,8 @@
 
 mod apply;
 mod capture;
-mod mapping;
-mod seed;
 mod cutover;
+mod kafka;
+mod mapping;
+mod queue_conformance;
+mod seed;

@@ -31,8 +31,8 @@ use serde::de::{DeserializeSeed, MapAccess, SeqAccess, Visitor};
 use serde_json::{Map, Value};
 pub use switchback_core::Lsn;
 
-pub mod seed;
 pub mod cutover;
+pub mod seed;
 
 // ---------------------------------------------------------------------------
 // Small utilities
@@ -1436,3 +1436,10 @@ pub fn assert_dump_order(txns: &[DumpTxn]) {
         }
     }
 }
+
+// ---------------------------------------------------------------------------
+// Kafka (tansu) broker
+// ---------------------------------------------------------------------------
+
+pub mod kafka;
+pub use kafka::{kafka_broker, Broker};

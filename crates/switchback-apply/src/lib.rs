@@ -471,6 +471,8 @@ impl Applier {
         status: &watch::Sender<ApplyStatus>,
     ) -> Result<(), ApplyError> {
         self.stats = status.borrow().clone();
+        // Gap detection: whatever the queue hands out must follow the member's progress.
+        queue.resume(self.progress)?;
         let mut next_seq = queue.acked()?.map_or(0, |a| a + 1);
         loop {
             if *shutdown.borrow() {

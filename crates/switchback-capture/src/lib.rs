@@ -67,6 +67,10 @@ pub async fn run<Q: QueueWriter + Send>(
     progress: watch::Sender<CaptureProgress>,
 ) -> Result<(), CaptureError> {
     let plan = setup::prepare(cfg).await?;
+    // Gap detection: an empty queue's first transaction follows the slot's position.
+    if queue.last_end_lsn().is_none() {
+        queue.start_at(plan.slot_start);
+    }
     let mut backoff = Duration::from_millis(100);
     loop {
         if *shutdown.borrow() {

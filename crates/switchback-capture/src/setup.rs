@@ -3,6 +3,7 @@
 use std::collections::BTreeMap;
 
 use switchback_config::{Config, NoKeyPolicy, Operation};
+use switchback_core::Lsn;
 use switchback_pg::hub::{self, HubTable, PublicationSpec};
 use switchback_pg::PgError;
 
@@ -18,6 +19,8 @@ pub struct Plan {
     pub proto_version: u32,
     pub streaming: bool,
     pub tables: Vec<HubTable>,
+    /// The slot's confirmed position when capture started.
+    pub slot_start: Lsn,
 }
 
 /// Checks the hub, creates or updates the publication(s), then the slot.
@@ -157,9 +160,13 @@ pub async fn prepare_with(cfg: &Config, create_slot: bool) -> Result<Plan, Captu
         all.extend(tables);
     }
     let slot = cfg.slot_name();
-    if create_slot {
-        hub::ensure_slot(&session, &slot).await?;
-    }
+    // The slot's position (where the stream starts) when this call owns the slot;
+    // seed creates it itself.
+    let slot_start = if create_slot {
+        hub::ensure_slot(&session, &slot).await?
+    } else {
+        Lsn::ZERO
+    };
 
     let proto_version = if version >= 140000 { 2 } else { 1 };
     let streaming = cfg.capture.streaming && version >= 140000;
@@ -180,6 +187,7 @@ pub async fn prepare_with(cfg: &Config, create_slot: bool) -> Result<Plan, Captu
         proto_version,
         streaming,
         tables: all,
+        slot_start,
     })
 }
 

@@ -4,15 +4,16 @@ use std::io::Write;
 use std::process::ExitCode;
 
 use anyhow::Context;
-use switchback_config::Config;
+use std::sync::Arc;
+
+use switchback_config::{Config, QueueKind};
 use switchback_core::{json, Classify, RelationSet};
+use switchback_kafka::{KafkaOptions, KafkaReader, KafkaWriter, StartAt};
 use switchback_queue::{QueueReader, SledLog};
 use tokio::sync::watch;
 use tracing::Instrument;
 
-use crate::cli::{
-    ApplyArgs, Cli, Command, ConfigArg, DumpArgs, QueueCommand, RunArgs, SwitchArgs,
-};
+use crate::cli::{ApplyArgs, Cli, Command, ConfigArg, DumpArgs, QueueCommand, RunArgs, SwitchArgs};
 use crate::{signals, telemetry};
 
 pub async fn dispatch(cli: Cli) -> anyhow::Result<ExitCode> {
@@ -116,19 +117,44 @@ pub fn open_queue(cfg: &Config) -> anyhow::Result<SledLog> {
     Ok(SledLog::open(&cfg.queue.path)?)
 }
 
+/// The Kafka settings of the hub → member direction.
+pub fn kafka_options(cfg: &Config) -> anyhow::Result<KafkaOptions> {
+    Ok(KafkaOptions {
+        brokers: cfg.queue.brokers.clone().unwrap_or_default(),
+        topic: cfg.kafka_topic(),
+        group_id: cfg.kafka_group(),
+        properties: cfg.queue.kafka_properties()?,
+        replication_factor: cfg.queue.replication_factor,
+        reader_memory_bytes: cfg.queue.reader_memory_bytes,
+    })
+}
+
 async fn capture(c: ConfigArg) -> anyhow::Result<ExitCode> {
     let cfg = load_current(&c)?;
     if cfg.direction == switchback_config::Direction::HubToMember {
         check_before_start(&cfg, switchback_mapping::check::Sides::Hub).await?;
     }
     telemetry::init_metrics(cfg.metrics.listen.as_deref())?;
-    let mut queue = open_queue(&cfg)?;
+    if cfg.queue.kind == QueueKind::Kafka {
+        let queue = KafkaWriter::open(kafka_options(&cfg)?).await?;
+        return capture_with(cfg, queue, None).await;
+    }
+    let queue = open_queue(&cfg)?;
+    let reader: Arc<dyn QueueReader + Send + Sync> = Arc::new(queue.clone());
+    capture_with(cfg, queue, Some(reader)).await
+}
+
+async fn capture_with<Q: switchback_queue::QueueWriter + Send>(
+    cfg: Config,
+    mut queue: Q,
+    reader: Option<Arc<dyn QueueReader + Send + Sync>>,
+) -> anyhow::Result<ExitCode> {
     let shutdown = signals::shutdown_on_signals();
     let (progress, cap_rx) = watch::channel(Default::default());
     let (stop_tx, stop_rx) = watch::channel(false);
     let status_task = tokio::spawn(crate::status::publish(
         cfg.clone(),
-        queue.clone(),
+        reader,
         cap_rx,
         None,
         stop_rx,
@@ -153,10 +179,34 @@ async fn capture(c: ConfigArg) -> anyhow::Result<ExitCode> {
 
 async fn dump(d: DumpArgs) -> anyhow::Result<ExitCode> {
     let cfg = load_current(&d.config)?;
+    if cfg.queue.kind == QueueKind::Kafka {
+        let queue = KafkaReader::open(kafka_options(&cfg)?, StartAt::Beginning).await?;
+        // Every retained transaction, oldest first; `ack` only frees memory here.
+        let mut from = 0;
+        let txns = std::iter::from_fn(|| {
+            let t = queue.next_from(from).transpose()?;
+            if let Ok(t) = &t {
+                from = t.seq + 1;
+                let _ = queue.ack(t.seq.saturating_sub(1));
+            }
+            Some(t)
+        });
+        return dump_txns(&d, &queue, txns);
+    }
     let queue = open_queue(&cfg)?;
+    let txns = queue.all()?.into_iter().map(Ok);
+    dump_txns(&d, &queue, txns)
+}
+
+fn dump_txns<R: QueueReader>(
+    d: &DumpArgs,
+    queue: &R,
+    txns: impl Iterator<Item = Result<switchback_queue::QueuedTxn, switchback_queue::QueueError>>,
+) -> anyhow::Result<ExitCode> {
     let stdout = std::io::stdout();
     let mut out = std::io::BufWriter::new(stdout.lock());
-    for txn in queue.all()? {
+    for txn in txns {
+        let txn = txn?;
         let mut rels = RelationSet::new();
         if d.json {
             // Streamed change by change: a huge transaction never sits in memory.
@@ -207,6 +257,9 @@ async fn dump(d: DumpArgs) -> anyhow::Result<ExitCode> {
 /// the new one starts.
 async fn run(r: RunArgs) -> anyhow::Result<ExitCode> {
     let cfg = load(&r.config)?;
+    if cfg.queue.kind != QueueKind::Sled {
+        anyhow::bail!("`switchback run` uses the embedded sled log; with [queue] kind = \"kafka\" run `switchback capture` and `switchback apply` as two processes");
+    }
     telemetry::init_metrics(cfg.metrics.listen.as_deref())?;
     if switchback_cutover::run_directions(&cfg)? == [switchback_config::Direction::HubToMember] {
         check_before_start(&cfg, switchback_mapping::check::Sides::Both).await?;
@@ -291,7 +344,7 @@ async fn run_direction(
     }
     let status_task = tokio::spawn(crate::status::publish(
         cfg.clone(),
-        reader.clone(),
+        Some(Arc::new(reader.clone())),
         cap_rx.clone(),
         Some(apply_rx.clone()),
         stop_rx.clone(),
@@ -355,14 +408,26 @@ async fn run_direction(
 async fn apply(a: ApplyArgs) -> anyhow::Result<ExitCode> {
     let cfg = load_current(&a.config)?;
     telemetry::init_metrics(cfg.metrics.listen.as_deref())?;
+    if cfg.queue.kind == QueueKind::Kafka {
+        let reader = KafkaReader::open(kafka_options(&cfg)?, StartAt::Committed).await?;
+        return apply_with(a, cfg, Arc::new(reader)).await;
+    }
     let reader = open_queue(&cfg)?;
+    apply_with(a, cfg, Arc::new(reader)).await
+}
+
+async fn apply_with<R: QueueReader + Send + Sync + 'static>(
+    a: ApplyArgs,
+    cfg: Config,
+    reader: Arc<R>,
+) -> anyhow::Result<ExitCode> {
     let shutdown = signals::shutdown_on_signals();
     let (apply_tx, apply_rx) = watch::channel(switchback_apply::ApplyStatus::default());
     let (_cap_tx, cap_rx) = watch::channel(switchback_capture::CaptureProgress::default());
     let (stop_tx, stop_rx) = watch::channel(false);
     let status_task = tokio::spawn(crate::status::publish(
         cfg.clone(),
-        reader.clone(),
+        Some(reader.clone() as Arc<dyn QueueReader + Send + Sync>),
         cap_rx,
         Some(apply_rx),
         stop_rx,
@@ -372,7 +437,7 @@ async fn apply(a: ApplyArgs) -> anyhow::Result<ExitCode> {
         until_empty: a.until_empty,
         wake: None,
     };
-    let r = switchback_apply::run(&cfg, &reader, shutdown, opts, apply_tx)
+    let r = switchback_apply::run(&cfg, &*reader, shutdown, opts, apply_tx)
         .instrument(span)
         .await;
     let _ = stop_tx.send(true);

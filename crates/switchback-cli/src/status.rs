@@ -11,9 +11,11 @@ use std::process::ExitCode;
 use std::time::{Duration, SystemTime};
 
 use serde::{Deserialize, Serialize};
+use std::sync::Arc;
 use switchback_apply::ApplyStatus;
 use switchback_capture::CaptureProgress;
 use switchback_config::Config;
+use switchback_config::QueueKind;
 use switchback_core::metric;
 use switchback_queue::{QueueReader, SledLog};
 use tokio::sync::watch;
@@ -49,6 +51,45 @@ pub fn status_path(cfg: &Config) -> PathBuf {
     PathBuf::from(p)
 }
 
+/// With Kafka, capture and apply are separate processes: one status file each
+/// (`<queue.path>.capture.status.json`, `<queue.path>.apply.status.json`).
+fn status_path_of(cfg: &Config, apply: bool) -> PathBuf {
+    if cfg.queue.kind != QueueKind::Kafka {
+        return status_path(cfg);
+    }
+    let mut p = cfg.queue.path.clone().into_os_string();
+    p.push(if apply {
+        ".apply.status.json"
+    } else {
+        ".capture.status.json"
+    });
+    PathBuf::from(p)
+}
+
+/// The status file(s) of running processes; with Kafka the capture and apply
+/// files merged (capture fields from the capture process).
+fn read_status_file(cfg: &Config) -> Option<ProcessStatus> {
+    let read = |p: PathBuf| -> Option<ProcessStatus> {
+        std::fs::read(p)
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok())
+    };
+    if cfg.queue.kind != QueueKind::Kafka {
+        return read(status_path(cfg));
+    }
+    let cap = read(status_path_of(cfg, false));
+    let app = read(status_path_of(cfg, true));
+    match (cap, app) {
+        (Some(c), Some(mut a)) => {
+            a.capture_connected = c.capture_connected;
+            a.capture_acked_lsn = c.capture_acked_lsn;
+            a.updated_unix_ms = a.updated_unix_ms.max(c.updated_unix_ms);
+            Some(a)
+        }
+        (c, a) => a.or(c),
+    }
+}
+
 fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(SystemTime::UNIX_EPOCH)
@@ -57,12 +98,12 @@ fn now_ms() -> u64 {
 }
 
 fn snapshot(
-    reader: &SledLog,
+    reader: Option<&(dyn QueueReader + Send + Sync)>,
     cap: &CaptureProgress,
     apply: &ApplyStatus,
     with_apply: bool,
 ) -> ProcessStatus {
-    let depth = reader.depth().unwrap_or_default();
+    let depth = reader.and_then(|r| r.depth().ok()).unwrap_or_default();
     metrics::gauge!(metric::QUEUE_DEPTH_TRANSACTIONS).set(depth.transactions as f64);
     metrics::gauge!(metric::QUEUE_DEPTH_BYTES).set(depth.bytes as f64);
     ProcessStatus {
@@ -105,12 +146,12 @@ fn write_atomic(path: &PathBuf, st: &ProcessStatus) {
 /// Every fifth second it also reads the slot's lag on the hub for the metric.
 pub async fn publish(
     cfg: Config,
-    reader: SledLog,
+    reader: Option<Arc<dyn QueueReader + Send + Sync>>,
     cap: watch::Receiver<CaptureProgress>,
     apply: Option<watch::Receiver<ApplyStatus>>,
     mut stop: watch::Receiver<bool>,
 ) {
-    let path = status_path(&cfg);
+    let path = status_path_of(&cfg, apply.is_some());
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     let mut hub: Option<switchback_pg::hub::Session> = None;
     let mut n = 0u64;
@@ -121,8 +162,8 @@ pub async fn publish(
         }
         let none = ApplyStatus::default();
         let st = match &apply {
-            Some(a) => snapshot(&reader, &cap.borrow(), &a.borrow(), true),
-            None => snapshot(&reader, &cap.borrow(), &none, false),
+            Some(a) => snapshot(reader.as_deref(), &cap.borrow(), &a.borrow(), true),
+            None => snapshot(reader.as_deref(), &cap.borrow(), &none, false),
         };
         write_atomic(&path, &st);
         if *stop.borrow() {
@@ -167,6 +208,8 @@ struct Report {
     process: Option<ProcessStatus>,
     queue_transactions: Option<u64>,
     queue_bytes: Option<u64>,
+    /// Kafka: messages after apply's committed offset.
+    queue_kafka_backlog_messages: Option<i64>,
     lag_seconds: Option<f64>,
     conflicts: std::collections::BTreeMap<String, u64>,
     problems: Vec<String>,
@@ -205,6 +248,7 @@ pub async fn status(a: StatusArgs) -> anyhow::Result<ExitCode> {
         process: None,
         queue_transactions: None,
         queue_bytes: None,
+        queue_kafka_backlog_messages: None,
         lag_seconds: None,
         conflicts: Default::default(),
         problems: Vec::new(),
@@ -246,9 +290,7 @@ pub async fn status(a: StatusArgs) -> anyhow::Result<ExitCode> {
         }
         Err(e) => r.problems.push(format!("member unreachable: {e}")),
     }
-    let file: Option<ProcessStatus> = std::fs::read(status_path(&cfg))
-        .ok()
-        .and_then(|b| serde_json::from_slice(&b).ok());
+    let file: Option<ProcessStatus> = read_status_file(&cfg);
     let fresh = file
         .as_ref()
         .is_some_and(|f| now_ms().saturating_sub(f.updated_unix_ms) < 5_000);
@@ -262,6 +304,10 @@ pub async fn status(a: StatusArgs) -> anyhow::Result<ExitCode> {
             r.conflicts = ap.conflicts.clone();
         }
         r.process = Some(f);
+    } else if cfg.queue.kind == QueueKind::Kafka {
+        if let Some(f) = file {
+            r.process = Some(f);
+        }
     } else if cfg.queue.path.exists() {
         // Nothing running: the queue can be opened directly.
         match SledLog::open(&cfg.queue.path) {
@@ -298,6 +344,15 @@ pub async fn status(a: StatusArgs) -> anyhow::Result<ExitCode> {
             p.step.as_str(),
             p.kind.as_str()
         ));
+    }
+    if cfg.queue.kind == QueueKind::Kafka {
+        // What apply has not acknowledged: messages after the group's committed offset.
+        let opts = crate::commands::kafka_options(&cfg)?;
+        match tokio::task::spawn_blocking(move || switchback_kafka::backlog_messages(&opts)).await?
+        {
+            Ok(n) => r.queue_kafka_backlog_messages = Some(n),
+            Err(e) => r.problems.push(format!("cannot read the kafka topic: {e}")),
+        }
     }
     if a.json {
         println!("{}", serde_json::to_string_pretty(&r)?);
@@ -355,6 +410,9 @@ fn print_report(r: &Report) {
         r.queue_transactions.map_or_else(dash, |v| v.to_string()),
         r.queue_bytes.map_or_else(dash, |v| v.to_string())
     );
+    if let Some(n) = r.queue_kafka_backlog_messages {
+        println!("kafka backlog     {n} messages not acknowledged by apply");
+    }
     let ap = r.process.as_ref().and_then(|p| p.apply.as_ref());
     println!(
         "member applied    {}   (hub commit {})",

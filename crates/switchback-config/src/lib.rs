@@ -14,7 +14,7 @@
 //! [pipeline]
 //! name = "release_42"          # slot, publication and origin names derive from it
 //! [queue]
-//! kind = "sled"
+//! kind = "sled"                # or "kafka" (then brokers = "host:9092", topic, [queue.kafka])
 //! path = "/var/lib/switchback/release_42"
 //! [tables]
 //! include = ["public.*"]
@@ -245,6 +245,8 @@ pub struct Pipeline {
 pub enum QueueKind {
     /// The embedded sled log (capture and apply in one process, `switchback run`).
     Sled,
+    /// A Kafka topic: `switchback capture` and `switchback apply` as separate processes.
+    Kafka,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -252,8 +254,63 @@ pub enum QueueKind {
 pub struct Queue {
     #[serde(default = "default_queue_kind")]
     pub kind: QueueKind,
-    /// Directory of the sled log.
+    /// Directory of the sled log. With Kafka: where the status file is kept.
     pub path: PathBuf,
+    /// Kafka: `bootstrap.servers`, e.g. `"10.0.0.3:9092,10.0.0.4:9092"`.
+    #[serde(default)]
+    pub brokers: Option<String>,
+    /// Kafka: topic name (default `switchback_<pipeline>_hub_to_member`). One
+    /// partition: switchback creates it when missing.
+    #[serde(default)]
+    pub topic: Option<String>,
+    /// Kafka: replication factor when switchback creates the topic (-1 = broker default).
+    #[serde(default = "default_replication_factor")]
+    pub replication_factor: i32,
+    /// Kafka: bytes of chunk data apply keeps in memory; beyond, it reads them back.
+    #[serde(default = "default_reader_memory_bytes")]
+    pub reader_memory_bytes: usize,
+    /// Kafka: librdkafka properties passed through (`"security.protocol" = "SASL_SSL"`).
+    /// A value `env:NAME` is read from the environment variable NAME, `file:PATH`
+    /// from a file (secrets stay out of the config file).
+    #[serde(default)]
+    pub kafka: std::collections::BTreeMap<String, String>,
+}
+
+fn default_replication_factor() -> i32 {
+    -1
+}
+fn default_reader_memory_bytes() -> usize {
+    64 * 1024 * 1024
+}
+
+impl Queue {
+    /// The librdkafka properties, `env:` and `file:` values resolved.
+    pub fn kafka_properties(&self) -> Result<Vec<(String, String)>, ConfigError> {
+        self.kafka
+            .iter()
+            .map(|(k, v)| {
+                let value = if let Some(var) = v.strip_prefix("env:") {
+                    std::env::var(var).map_err(|_| {
+                        ConfigError::Invalid(format!(
+                            "[queue.kafka] {k:?} names the environment variable {var}, which is not set"
+                        ))
+                    })?
+                } else if let Some(path) = v.strip_prefix("file:") {
+                    std::fs::read_to_string(path)
+                        .map_err(|e| {
+                            ConfigError::Invalid(format!(
+                                "[queue.kafka] {k:?}: cannot read file {path}: {e}"
+                            ))
+                        })?
+                        .trim_end_matches(['\n', '\r'])
+                        .to_string()
+                } else {
+                    v.clone()
+                };
+                Ok((k.clone(), value))
+            })
+            .collect()
+    }
 }
 
 /// What to do with a published table that has neither a primary key nor a replica
@@ -607,6 +664,11 @@ impl Config {
                 "[cutover] sequence_margin and max_lag_bytes must not be negative".into(),
             ));
         }
+        if self.queue.kind == QueueKind::Kafka && self.queue.brokers.is_none() {
+            return Err(ConfigError::Invalid(
+                "[queue] kind = \"kafka\" needs brokers = \"host:port,...\"".into(),
+            ));
+        }
         self.hub_pg()?;
         self.member_pg()?;
         Ok(())
@@ -618,6 +680,27 @@ impl Config {
             Direction::HubToMember => format!("switchback_{}", self.pipeline.name),
             Direction::MemberToHub => format!("switchback_{}_rev", self.pipeline.name),
         }
+    }
+
+    /// Kafka topic of this direction: `topic` (default
+    /// `switchback_<name>_hub_to_member`), and for member → hub the same with `_rev`
+    /// (default `switchback_<name>_member_to_hub`).
+    pub fn kafka_topic(&self) -> String {
+        match (self.direction, &self.queue.topic) {
+            (Direction::HubToMember, Some(t)) => t.clone(),
+            (Direction::HubToMember, None) => {
+                format!("switchback_{}_hub_to_member", self.pipeline.name)
+            }
+            (Direction::MemberToHub, Some(t)) => format!("{t}_rev"),
+            (Direction::MemberToHub, None) => {
+                format!("switchback_{}_member_to_hub", self.pipeline.name)
+            }
+        }
+    }
+
+    /// Kafka consumer group of this direction's apply.
+    pub fn kafka_group(&self) -> String {
+        format!("{}_apply", self.direction_name(self.direction))
     }
 
     /// Name of the source's replication slot (the hub's, or the member's in the
@@ -810,6 +893,23 @@ mod tests {
         let back = r.reversed();
         assert_eq!(back.queue.path, PathBuf::from("/tmp/q"));
         assert_eq!(back.slot_name(), "switchback_p1");
+    }
+
+    #[test]
+    fn kafka_queue() {
+        let k = MIN.replace(
+            "path = \"/tmp/q\"",
+            "path = \"/tmp/q\"\nkind = \"kafka\"\nbrokers = \"b:9092\"\n[queue.kafka]\n\"sasl.password\" = \"env:SB_TEST_KAFKA_PW\"\n\"client.id\" = \"x\"",
+        );
+        let c = Config::parse(&k, Path::new("x.toml")).unwrap();
+        assert_eq!(c.kafka_topic(), "switchback_p1_hub_to_member");
+        let e = c.queue.kafka_properties().unwrap_err();
+        assert!(e.to_string().contains("SB_TEST_KAFKA_PW"), "{e}");
+        std::env::set_var("SB_TEST_KAFKA_PW", "s3cret");
+        let p = c.queue.kafka_properties().unwrap();
+        assert!(p.contains(&("sasl.password".into(), "s3cret".into())));
+        let no_brokers = MIN.replace("path = \"/tmp/q\"", "path = \"/tmp/q\"\nkind = \"kafka\"");
+        assert!(Config::parse(&no_brokers, Path::new("x.toml")).is_err());
     }
 
     #[test]

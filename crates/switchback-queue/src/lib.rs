@@ -21,11 +21,17 @@
 //! * **Acknowledgement and retention.** [`QueueReader::ack`] marks every transaction up
 //!   to `seq` as applied; the queue may then delete them. Acknowledging never moves
 //!   backwards.
+//! * **Gaps.** Every transaction carries its `seq` and `prev_end_lsn` (the end LSN
+//!   of the one committed before it). A reader, told where the member stands
+//!   ([`QueueReader::resume`]), proves each transaction follows the previous one
+//!   and stops with [`QueueError::Gap`] otherwise (see [`continuity`]).
 
+pub mod continuity;
 pub mod sled_log;
 
 use switchback_core::{Lsn, Record, TxnHeader};
 
+pub use continuity::Continuity;
 pub use sled_log::SledLog;
 
 #[derive(Debug, thiserror::Error)]
@@ -40,11 +46,24 @@ pub enum QueueError {
     Corrupt(String),
     #[error("unknown in-progress transaction {0} in queue writer")]
     UnknownOpen(u64),
+    #[error("the queue has a gap: the hub transactions ending after {after} and up to {upto} are missing{} (next stored transaction: seq {next_seq}); a broker lost data or the topic was truncated. Nothing after the gap was applied. Re-seed the member, or restore the missing messages and restart", missing_seqs.map(|(a, b)| format!(" (seq {a}..={b})")).unwrap_or_default())]
+    Gap {
+        after: Lsn,
+        upto: Lsn,
+        next_seq: u64,
+        missing_seqs: Option<(u64, u64)>,
+    },
+    /// The broker cannot be reached or refused a request; retrying may help.
+    #[error("queue broker: {0}")]
+    Broker(String),
 }
 
 impl switchback_core::Classify for QueueError {
     fn class(&self) -> switchback_core::ErrorClass {
-        switchback_core::ErrorClass::Definite
+        match self {
+            QueueError::Broker(_) => switchback_core::ErrorClass::Transient,
+            _ => switchback_core::ErrorClass::Definite,
+        }
     }
 }
 
@@ -58,6 +77,9 @@ pub type OpenId = u64;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct QueuedTxn {
     pub seq: u64,
+    /// End LSN of the transaction committed to the queue just before this one
+    /// (for the first: the slot position capture started from, when known).
+    pub prev_end_lsn: Option<Lsn>,
     pub header: TxnHeader,
 }
 
@@ -89,6 +111,11 @@ pub trait QueueWriter {
     fn flush(&mut self) -> impl std::future::Future<Output = Result<(), QueueError>> + Send;
     /// End LSN of the last committed transaction.
     fn last_end_lsn(&self) -> Option<Lsn>;
+    /// Tells an empty queue where the hub's stream starts (the slot's confirmed
+    /// position): the first transaction then records it as its `prev_end_lsn`, so
+    /// a reader can prove nothing was lost before it. Ignored once the queue
+    /// holds a transaction.
+    fn start_at(&mut self, _lsn: Lsn) {}
 }
 
 /// The apply side.
@@ -103,4 +130,7 @@ pub trait QueueReader {
     fn acked(&self) -> Result<Option<u64>, QueueError>;
     /// What is committed and not acknowledged.
     fn depth(&self) -> Result<Depth, QueueError>;
+    /// The reader (re)starts after `applied`, the member's progress: from now on
+    /// every transaction handed out must provably follow it (see [`continuity`]).
+    fn resume(&self, applied: Lsn) -> Result<(), QueueError>;
 }

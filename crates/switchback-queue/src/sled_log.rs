@@ -6,7 +6,8 @@
 //! Two sled trees in one database directory:
 //!
 //! * `txns`: key `seq (u64 BE)` → `header length (u32 BE) ++ envelope of`
-//!   [`StoredHeader`] `++ inline chunk`. A transaction whose records fit in one
+//!   [`StoredHeader`] (with `prev_end_lsn`, the end LSN of the transaction committed
+//!   before, for gap detection) `++ inline chunk`. A transaction whose records fit in one
 //!   chunk (most OLTP transactions) is stored *inline*: its only chunk (a record
 //!   envelope of `Vec<Record>`) follows the header in the same value, so it costs
 //!   one sled write. Meta keys live in the same tree behind the prefix `FF×8` (they
@@ -61,7 +62,7 @@ use serde::{Deserialize, Serialize};
 use switchback_core::record;
 use switchback_core::{Change, Lsn, Record, Relation, TxnHeader};
 
-use crate::{Depth, OpenId, QueueError, QueueReader, QueueWriter, QueuedTxn};
+use crate::{Continuity, Depth, OpenId, QueueError, QueueReader, QueueWriter, QueuedTxn};
 
 const META_PREFIX: [u8; 8] = [0xff; 8];
 const META_LAST_END: &[u8] = b"\xff\xff\xff\xff\xff\xff\xff\xfflast_end_lsn";
@@ -85,6 +86,8 @@ pub struct StoredHeader {
     /// The inline chunk left out Relation records equal to the relation's latest
     /// stored version (the `rels` tree); readers put them back.
     pub relations_elided: bool,
+    /// End LSN of the transaction committed before this one.
+    pub prev_end_lsn: Option<Lsn>,
 }
 
 /// Encodes a `txns` value: header length, header envelope, inline chunk.
@@ -197,6 +200,9 @@ pub struct SledLog {
     next_data_id: u64,
     open: std::collections::HashMap<OpenId, OpenTxn>,
     last_end: Option<Lsn>,
+    start: Option<Lsn>,
+    // reader state
+    continuity: Mutex<Continuity>,
 }
 
 impl Clone for SledLog {
@@ -214,6 +220,8 @@ impl Clone for SledLog {
             next_data_id: self.next_data_id,
             open: Default::default(),
             last_end: self.last_end,
+            start: None,
+            continuity: Default::default(),
         }
     }
 }
@@ -306,6 +314,8 @@ impl SledLog {
             next_data_id: 1,
             open: Default::default(),
             last_end: None,
+            start: None,
+            continuity: Default::default(),
         };
         log.recover()?;
         Ok(log)
@@ -428,6 +438,7 @@ impl SledLog {
             .map(|r| {
                 r.map(|(seq, h)| QueuedTxn {
                     seq,
+                    prev_end_lsn: h.prev_end_lsn,
                     header: h.header,
                 })
             })
@@ -714,6 +725,7 @@ impl QueueWriter for SledLog {
             chunks: t.written.len() as u32,
             chunk_end: t.next_chunk,
             relations_elided: !elide.is_empty(),
+            prev_end_lsn: self.last_end.or(self.start),
         };
         // The header is the commit point. The meta keys summarise headers only once
         // they are deleted (see retention); until then recovery reads the headers.
@@ -745,26 +757,32 @@ impl QueueWriter for SledLog {
     fn last_end_lsn(&self) -> Option<Lsn> {
         self.last_end
     }
+
+    fn start_at(&mut self, lsn: Lsn) {
+        self.start = Some(lsn);
+    }
 }
 
 impl QueueReader for SledLog {
     fn next_from(&self, from: u64) -> Result<Option<QueuedTxn>, QueueError> {
         // The next transaction is almost always `from` itself: a point read.
-        if let Some(v) = self.txns.get(be64(from)).map_err(|e| self.storage(e))? {
-            return Ok(Some(QueuedTxn {
-                seq: from,
-                header: decode_entry(&v)?.0.header,
-            }));
-        }
-        match self.headers_from(from).next() {
-            None => Ok(None),
-            Some(r) => r.map(|(seq, h)| {
-                Some(QueuedTxn {
-                    seq,
-                    header: h.header,
-                })
-            }),
-        }
+        let found = match self.txns.get(be64(from)).map_err(|e| self.storage(e))? {
+            Some(v) => Some((from, decode_entry(&v)?.0)),
+            None => self.headers_from(from).next().transpose()?,
+        };
+        let Some((seq, h)) = found else {
+            return Ok(None);
+        };
+        let t = QueuedTxn {
+            seq,
+            prev_end_lsn: h.prev_end_lsn,
+            header: h.header,
+        };
+        self.continuity
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .check(&t)?;
+        Ok(Some(t))
     }
 
     fn records(
@@ -834,6 +852,14 @@ impl QueueReader for SledLog {
             self.shared.deleted_upto.store(upto, Ordering::SeqCst);
             *last = Instant::now();
         }
+        Ok(())
+    }
+
+    fn resume(&self, applied: Lsn) -> Result<(), QueueError> {
+        self.continuity
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .resume(applied);
         Ok(())
     }
 
