@@ -55,12 +55,29 @@ impl Backend for Sled {
     }
     fn restart(&mut self) {
         self.log = None;
-        self.log = Some(SledLog::open(&self.dir.path().join("q")).unwrap());
+        self.log = Some(reopen(&self.dir.path().join("q")));
     }
     fn wipe(&mut self) {
         self.log = None;
         std::fs::remove_dir_all(self.dir.path().join("q")).unwrap();
-        self.log = Some(SledLog::open(&self.dir.path().join("q")).unwrap());
+        self.log = Some(reopen(&self.dir.path().join("q")));
+    }
+}
+
+/// Opens the log again in this process. sled's background flusher of the dropped
+/// handle releases the directory lock when it exits, a moment after the drop (a new
+/// process never waits: the old one's lock went with it).
+fn reopen(path: &std::path::Path) -> SledLog {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match SledLog::open(path) {
+            Ok(l) => return l,
+            // Polled: nothing signals the flusher's exit.
+            Err(QueueError::Locked { .. }) if Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(10))
+            }
+            Err(e) => panic!("reopening the sled log: {e}"),
+        }
     }
 }
 

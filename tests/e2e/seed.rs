@@ -850,3 +850,117 @@ fn seed_kill9_mid_split_table_recopies_it() {
         second[0].4, res.transactions
     );
 }
+
+// ---------------------------------------------------------------------------
+// 3. The column mapping applies during seed (the expand/contract rename)
+// ---------------------------------------------------------------------------
+
+/// The rename scenario of the mapping issue, seeded: the hub has
+/// `person(id, first_name, last_name)`, the member `person(id, first_name, surname,
+/// nickname NULL, source NOT NULL)`; `last_name → surname`, `source` a constant. A
+/// second table is seeded through its row filter only. The hub is written while
+/// seed runs; after `run` the member equals the hub through the mapping.
+#[test]
+fn seed_applies_the_column_mapping() {
+    let _t = Timed("seed_applies_the_column_mapping", Instant::now());
+    let hub = hub();
+    let member = member();
+    let hdb = hub.create_db("seed_map");
+    let mdb = member.create_db("seed_map");
+    hub.psql(
+        &hdb,
+        "CREATE TABLE person (id int PRIMARY KEY, first_name text, last_name text); \
+         INSERT INTO person SELECT g, 'f' || g, 'l' || g FROM generate_series(1, 5000) g; \
+         CREATE TABLE canary (id int PRIMARY KEY, v text); \
+         INSERT INTO canary SELECT g, 'v' || g FROM generate_series(1, 1000) g;",
+    );
+    member.psql(
+        &mdb,
+        "CREATE TABLE person (id int PRIMARY KEY, first_name text, surname text, \
+                              nickname text NULL, source text NOT NULL); \
+         CREATE TABLE canary (id int PRIMARY KEY, v text);",
+    );
+    let rules = "[[tables.table]]\nschema = \"public\"\nname = \"person\"\n\
+                 [tables.table.rename]\nlast_name = \"surname\"\n\
+                 [tables.table.constants]\nsource = \"hub\"\n\
+                 [[tables.table]]\nschema = \"public\"\nname = \"canary\"\n\
+                 row_filter = \"id in (1, 2, 3) or id between 600 and 10000\"\n";
+    let pipe = Pipeline::new("seed_map", &hub.url(&hdb), &member.url(&mdb), rules);
+    let _slot = DropSlot {
+        hub,
+        slot: pipe.slot(),
+    };
+    // Writes while seeding: renames of last_name, inserts, deletes.
+    let writer = {
+        let hdb = hdb.clone();
+        std::thread::spawn(move || {
+            let mut sql = String::new();
+            for n in 0..400 {
+                let id = 1 + (n * 37) % 6000;
+                sql.push_str(&match n % 4 {
+                    0 => format!(
+                        "INSERT INTO person VALUES ({id}, 'nf{n}', 'nl{n}') \
+                         ON CONFLICT (id) DO UPDATE SET last_name = excluded.last_name;\n"
+                    ),
+                    1 => format!(
+                        "UPDATE person SET last_name = last_name || '+{n}' WHERE id = {id};\n"
+                    ),
+                    2 => format!("DELETE FROM person WHERE id = {id};\n"),
+                    _ => format!(
+                        "UPDATE canary SET v = v || '+{n}' WHERE id = {};\n",
+                        1 + n % 1000
+                    ),
+                });
+            }
+            switchback_tests::hub().psql(&hdb, &sql);
+        })
+    };
+    let log = seed_ok(&pipe, &["--jobs", "2"]);
+    writer.join().unwrap();
+    assert!(log.contains("seed finished"), "{log}");
+    hub.psql(
+        &hdb,
+        "INSERT INTO person VALUES (1000000, 'last', 'marker')",
+    );
+    let mut run = start_run(hub, &pipe);
+    wait_until(MINUTE, "the marker row to reach the member", || {
+        run.assert_running();
+        member.query_value(&mdb, "SELECT count(*) FROM person WHERE id = 1000000") == "1"
+    });
+    let h = hub.psql(
+        &hdb,
+        "COPY (SELECT id, first_name, last_name FROM person ORDER BY id) TO STDOUT",
+    );
+    let m = member.psql(
+        &mdb,
+        "COPY (SELECT id, first_name, surname FROM person ORDER BY id) TO STDOUT",
+    );
+    assert!(h.lines().count() > 4000, "hub rows: {}", h.lines().count());
+    assert!(h == m, "person differs through the mapping");
+    assert_eq!(
+        member.query_value(
+            &mdb,
+            "SELECT count(*) FROM person WHERE source IS DISTINCT FROM 'hub' OR nickname IS NOT NULL"
+        ),
+        "0"
+    );
+    let filtered =
+        "COPY (SELECT id, v FROM canary WHERE id in (1, 2, 3) or id between 600 and 10000 \
+                    ORDER BY id) TO STDOUT";
+    let (h, m) = (
+        hub.psql(&hdb, filtered),
+        member.psql(
+            &mdb,
+            "COPY (SELECT id, v FROM canary ORDER BY id) TO STDOUT",
+        ),
+    );
+    assert_eq!(h.lines().count(), 404);
+    assert!(h == m, "canary differs through its row filter");
+    let st = run.sigint_and_wait();
+    assert!(st.success(), "run exit {st}");
+    assert!(
+        hub_wins_lines(&run.log_text()).is_empty(),
+        "{}",
+        run.log_text()
+    );
+}

@@ -109,6 +109,10 @@ pub struct Config {
     /// [`Config::reversed`] gives the member → hub view used by the reverse direction.
     #[serde(skip)]
     pub direction: Direction,
+    /// The hub → member rules while this config is the reversed view (so that
+    /// reversing back gives them exactly).
+    #[serde(skip)]
+    pub forward_tables: Option<Tables>,
 }
 
 /// Which way changes flow.
@@ -488,6 +492,42 @@ impl Tables {
             && !self.exclude.iter().any(|g| glob_match(g, &name))
     }
 
+    /// The rules of the reverse direction (member → hub), derived from these: each
+    /// rule's target becomes its source, renames are inverted, member columns filled
+    /// with a constant are not sent back, and row filters (written on the hub's
+    /// columns) are dropped. Renamed target tables are added to `include`.
+    pub fn reversed(&self) -> Tables {
+        let mut t = self.clone();
+        t.table = self
+            .table
+            .iter()
+            .map(|r| {
+                let (ts, tn) = r.target();
+                TableRule {
+                    schema: ts.to_string(),
+                    name: tn.to_string(),
+                    target_schema: Some(r.schema.clone()),
+                    target_name: Some(r.name.clone()),
+                    operations: r.operations.clone(),
+                    row_filter: None,
+                    exclude_columns: r.constants.keys().cloned().collect(),
+                    rename: r
+                        .rename
+                        .iter()
+                        .map(|(a, b)| (b.clone(), a.clone()))
+                        .collect(),
+                    constants: Default::default(),
+                }
+            })
+            .collect();
+        for r in &t.table {
+            if !t.matches(&r.schema, &r.name) {
+                t.include.push(format!("{}.{}", r.schema, r.name));
+            }
+        }
+        t
+    }
+
     /// The rule of `schema.table`: its `[[tables.table]]` entry, or the identity.
     pub fn rule(&self, schema: &str, table: &str) -> TableRule {
         self.table
@@ -731,6 +771,19 @@ impl Config {
         let mut c = self.clone();
         std::mem::swap(&mut c.hub, &mut c.member);
         c.direction = self.direction.opposite();
+        match c.direction {
+            Direction::MemberToHub => {
+                c.forward_tables = Some(self.tables.clone());
+                c.tables = self.tables.reversed();
+            }
+            Direction::HubToMember => {
+                c.tables = self
+                    .forward_tables
+                    .clone()
+                    .unwrap_or_else(|| self.tables.reversed());
+                c.forward_tables = None;
+            }
+        }
         c.queue.path = match c.direction {
             Direction::MemberToHub => {
                 let mut p = self.queue.path.clone().into_os_string();
@@ -879,6 +932,32 @@ mod tests {
         );
         let e = Config::parse(&bad, Path::new("x.toml")).unwrap_err();
         assert!(e.to_string().contains("both a source"), "{e}");
+    }
+
+    #[test]
+    fn reversed_inverts_table_rules() {
+        let text = format!(
+            "{MIN}\n[[tables.table]]\nname = \"person\"\ntarget_name = \"people\"\nrow_filter = \"id < 10\"\n\
+             exclude_columns = [\"secret\"]\n[tables.table.rename]\nlast_name = \"surname\"\n\
+             [tables.table.constants]\nsource = \"hub\"\n"
+        );
+        let c = Config::parse(&text, Path::new("x.toml")).unwrap();
+        let r = c.reversed();
+        let rule = r.tables.rule("public", "people");
+        assert_eq!(rule.target(), ("public", "person"));
+        assert_eq!(rule.rename["surname"], "last_name");
+        assert_eq!(rule.exclude_columns, vec!["source".to_string()]);
+        assert_eq!(rule.row_filter, None);
+        assert!(r.tables.matches("public", "people"));
+        let back = r.reversed();
+        assert_eq!(
+            back.tables.rule("public", "person").row_filter.as_deref(),
+            Some("id < 10")
+        );
+        assert_eq!(
+            back.tables.rule("public", "person").target(),
+            ("public", "people")
+        );
     }
 
     #[test]

@@ -233,6 +233,7 @@ pub async fn preflight(cfg: &Config, kind: SwitchKind) -> Result<Vec<String>, Cu
         reasons.extend(mapping::check_direction(
             &source,
             &target,
+            &dst.tables,
             new.as_str(),
             old.as_str(),
         ));

@@ -1,7 +1,7 @@
-//! The mapping seam used by cutover: which table and column of one side feed which
-//! of the other. Identity today (same schema, table and column names); the
-//! `[tables]` mapping engine plugs in here (`target_table`, `target_sequence` and
-//! [`check_direction`]).
+//! The mapping as cutover sees it: which table and column of one side feed which
+//! of the other, through the direction's `[[tables.table]]` rules (for member →
+//! hub, [`switchback_config::Tables::reversed`]: inverted renames, constants not sent
+//! back). Sequences keep their names on both sides.
 
 use std::collections::BTreeMap;
 
@@ -13,11 +13,6 @@ pub struct ColumnInfo {
     pub name: String,
     /// NOT NULL without a default (or identity/generated): must receive a value.
     pub required: bool,
-}
-
-/// The table a source table's rows go to on the target (identity).
-pub fn target_table(schema: &str, table: &str) -> (String, String) {
-    (schema.to_string(), table.to_string())
 }
 
 /// The sequence a source sequence moves on the target (identity).
@@ -32,12 +27,26 @@ pub fn target_sequence(schema: &str, name: &str) -> (String, String) {
 pub fn check_direction(
     source: &Tables,
     target: &Tables,
+    rules: &switchback_config::Tables,
     source_side: &str,
     target_side: &str,
 ) -> Vec<String> {
     let mut reasons = Vec::new();
     for ((schema, table), cols) in source {
-        let (ts, tt) = target_table(schema, table);
+        let rule = rules.rule(schema, table);
+        let (ts, tt) = rule.target();
+        let (ts, tt) = (ts.to_string(), tt.to_string());
+        // Source columns as named on the target; excluded ones are not sent.
+        let sent: Vec<String> = cols
+            .iter()
+            .filter(|c| !rule.exclude_columns.contains(&c.name))
+            .map(|c| {
+                rule.rename
+                    .get(&c.name)
+                    .cloned()
+                    .unwrap_or_else(|| c.name.clone())
+            })
+            .collect();
         let Some(tcols) = target.get(&(ts.clone(), tt.clone())) else {
             reasons.push(format!(
                 "{source_side} table {schema}.{table} has no table {ts}.{tt} on the {target_side}: \
@@ -46,18 +55,18 @@ pub fn check_direction(
             ));
             continue;
         };
-        for c in cols {
-            if !tcols.iter().any(|t| t.name == c.name) {
+        for c in &sent {
+            if !tcols.iter().any(|t| &t.name == c) {
                 reasons.push(format!(
                     "column {schema}.{table}.{} of the {source_side} has no column on the {target_side} \
                      ({ts}.{tt}): the {source_side} → {target_side} direction would lose its values. \
                      Fix: add the column on the {target_side} or drop it on the {source_side}",
-                    c.name
+                    c
                 ));
             }
         }
         for t in tcols {
-            if t.required && !cols.iter().any(|c| c.name == t.name) {
+            if t.required && !sent.contains(&t.name) && !rule.constants.contains_key(&t.name) {
                 reasons.push(format!(
                     "column {ts}.{tt}.{} of the {target_side} is NOT NULL without a default and gets \
                      no value from the {source_side}: rows written on the {source_side} cannot be \
@@ -96,7 +105,8 @@ mod tests {
             ("public".into(), "a".into()),
             t(&[("id", true), ("must", true)]),
         );
-        let r = check_direction(&member, &hub, "member", "hub");
+        let rules = switchback_config::Tables::default();
+        let r = check_direction(&member, &hub, &rules, "member", "hub");
         assert_eq!(r.len(), 3, "{r:#?}");
         assert!(r[0].contains("public.a.extra"));
         assert!(r[1].contains("public.a.must"));
@@ -107,6 +117,6 @@ mod tests {
             .unwrap()
             .pop();
         hub.get_mut(&("public".into(), "a".into())).unwrap().pop();
-        assert!(check_direction(&member, &hub, "member", "hub").is_empty());
+        assert!(check_direction(&member, &hub, &rules, "member", "hub").is_empty());
     }
 }

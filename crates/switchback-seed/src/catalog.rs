@@ -165,6 +165,8 @@ pub struct CopyColumns {
     pub member: Vec<String>,
     /// Binary COPY: every column's type is built in and the same on both sides.
     pub binary: bool,
+    /// Member columns filled with a constant (text), after the copied ones.
+    pub constants: Vec<(String, String)>,
 }
 
 /// Matches the hub's copied columns with the member's (through the mapping).
@@ -179,6 +181,7 @@ pub fn copy_columns(
         hub: Vec::new(),
         member: Vec::new(),
         binary: true,
+        constants: Vec::new(),
     };
     let mut missing = Vec::new();
     for c in info.columns.iter().filter(|c| c.generated.is_none()) {
@@ -205,6 +208,16 @@ pub fn copy_columns(
         }
         out.hub.push(c.name.clone());
         out.member.push(to);
+    }
+    for (col, value) in mapping.constants(&info.hub.schema, &info.hub.table) {
+        if let Some(cols) = member {
+            if !cols.iter().any(|m| m.name == col) {
+                missing.push(col.clone());
+            }
+        }
+        // A constant travels as text: the member parses it with the column's type.
+        out.binary = false;
+        out.constants.push((col, value));
     }
     if !missing.is_empty() {
         return Err(SeedError::Setup(format!(

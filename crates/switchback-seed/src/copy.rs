@@ -49,8 +49,10 @@ pub struct TableProgress {
 pub struct TablePlan {
     pub schema: String,
     pub table: String,
-    /// `(SELECT cols FROM [ONLY] table` — the ctid condition and `)` are appended.
+    /// `(SELECT cols FROM [ONLY] table` — the conditions and `)` are appended.
     pub select: String,
+    /// The table's row filter (`[[tables.table]] row_filter`), on the hub's columns.
+    pub filter: Option<String>,
     /// `COPY member (cols) FROM STDIN (FORMAT ...)`.
     pub copy_in: String,
     pub binary: bool,
@@ -66,12 +68,21 @@ pub struct Chunk {
 
 impl Chunk {
     fn copy_out(&self) -> String {
-        let cond = match self.range {
-            None => String::new(),
-            Some((from, None)) => format!(" WHERE ctid >= '({from},0)'::tid"),
-            Some((from, Some(to))) => {
-                format!(" WHERE ctid >= '({from},0)'::tid AND ctid < '({to},0)'::tid")
-            }
+        let mut conds = Vec::new();
+        match self.range {
+            None => {}
+            Some((from, None)) => conds.push(format!("ctid >= '({from},0)'::tid")),
+            Some((from, Some(to))) => conds.push(format!(
+                "ctid >= '({from},0)'::tid AND ctid < '({to},0)'::tid"
+            )),
+        }
+        if let Some(f) = &self.table.filter {
+            conds.push(format!("({f})"));
+        }
+        let cond = if conds.is_empty() {
+            String::new()
+        } else {
+            format!(" WHERE {}", conds.join(" AND "))
         };
         let fmt = if self.table.binary { "binary" } else { "text" };
         format!("COPY {}{cond}) TO STDOUT (FORMAT {fmt})", self.table.select)
@@ -260,8 +271,22 @@ async fn copy_chunk(
 }
 
 /// `(SELECT cols FROM [ONLY] table` for a hub table.
-pub fn select_prefix(schema: &str, table: &str, partitioned: bool, cols: &[String]) -> String {
-    let cols: Vec<String> = cols.iter().map(|c| quote_ident(c)).collect();
+pub fn select_prefix(
+    schema: &str,
+    table: &str,
+    partitioned: bool,
+    cols: &[String],
+    constants: &[(String, String)],
+) -> String {
+    let cols: Vec<String> = cols
+        .iter()
+        .map(|c| quote_ident(c))
+        .chain(
+            constants
+                .iter()
+                .map(|(_, v)| switchback_core::quote_literal(v)),
+        )
+        .collect();
     format!(
         "(SELECT {} FROM {}{}.{}",
         cols.join(", "),

@@ -174,7 +174,7 @@ pub async fn run(
     mut shutdown: watch::Receiver<bool>,
 ) -> Result<SeedSummary, SeedError> {
     let started = Instant::now();
-    let mapping = Mapping::identity();
+    let mapping = Mapping::from_config(&cfg.tables);
     let pipeline = cfg.pipeline.name.clone();
     let slot = cfg.slot_name();
     let hub_cfg = cfg.hub_pg().map_err(|e| SeedError::Setup(e.to_string()))?;
@@ -380,7 +380,12 @@ pub async fn run(
                 ranges.len()
             ));
             let fmt = if cols.binary { "binary" } else { "text" };
-            let member_cols: Vec<String> = cols.member.iter().map(|c| quote_ident(c)).collect();
+            let member_cols: Vec<String> = cols
+                .member
+                .iter()
+                .chain(cols.constants.iter().map(|(c, _)| c))
+                .map(|c| quote_ident(c))
+                .collect();
             let plan = Arc::new(TablePlan {
                 schema: info.hub.schema.clone(),
                 table: info.hub.table.clone(),
@@ -389,7 +394,9 @@ pub async fn run(
                     &info.hub.table,
                     info.hub.partitioned,
                     &cols.hub,
+                    &cols.constants,
                 ),
+                filter: mapping.row_filter(&info.hub.schema, &info.hub.table),
                 copy_in: format!(
                     "COPY {member_q} ({}) FROM STDIN (FORMAT {fmt})",
                     member_cols.join(", ")
