@@ -37,7 +37,11 @@
 //! introduces them. Capture acknowledges the hub only after a flush returns, so a
 //! crash loses only what was committed after the last flush, as the queue contract
 //! allows; sled recovers a prefix of its write log, so a batch that survived has its
-//! chunks and relation versions.
+//! chunks and relation versions. Apply may read and acknowledge transactions of
+//! the pending batch, so after a crash an acknowledgement can outlive transactions
+//! that were lost: seqs continue after it, capture stores what the hub sends again
+//! under new seqs, and apply skips those by `end_lsn` (queue contract:
+//! redelivery).
 //!
 //! No multi-key `apply_batch` is used anywhere: in sled 0.34 it takes a global write
 //! lock and can deadlock against the background flusher when a node split needs a
@@ -351,6 +355,8 @@ pub struct SledLog {
     last_end: Option<Lsn>,
     batch_bytes: usize,
     // reader state
+    retain_txns: u64,
+    retain_for: Duration,
     /// The stored batch this handle read last.
     cache: Mutex<Option<Arc<StoredBatch>>>,
 }
@@ -371,6 +377,8 @@ impl Clone for SledLog {
             open: Default::default(),
             last_end: self.last_end,
             batch_bytes: self.batch_bytes,
+            retain_txns: self.retain_txns,
+            retain_for: self.retain_for,
             cache: Mutex::new(None),
         }
     }
@@ -468,6 +476,8 @@ impl SledLog {
             open: Default::default(),
             last_end: None,
             batch_bytes: BATCH_BYTES,
+            retain_txns: RETAIN_TXNS,
+            retain_for: RETAIN_FOR,
             cache: Mutex::new(None),
         };
         log.recover()?;
@@ -657,6 +667,15 @@ impl SledLog {
     /// before a flush (default [`BATCH_BYTES`]; small values are for tests).
     pub fn with_batch_bytes(mut self, bytes: usize) -> SledLog {
         self.batch_bytes = bytes;
+        self
+    }
+
+    /// Sets when acknowledged transactions are deleted while the reader has not
+    /// caught up (defaults [`RETAIN_TXNS`], [`RETAIN_FOR`]; for tests). Handles
+    /// cloned afterwards inherit it.
+    pub fn with_retention(mut self, txns: u64, every: Duration) -> SledLog {
+        self.retain_txns = txns;
+        self.retain_for = every;
         self
     }
 
@@ -1150,7 +1169,7 @@ impl QueueReader for SledLog {
         }
         let caught_up = upto >= self.shared.committed.load(Ordering::SeqCst);
         let mut last = self.shared.last_deletion.lock().expect("not poisoned");
-        if caught_up || upto - deleted >= RETAIN_TXNS || last.elapsed() >= RETAIN_FOR {
+        if caught_up || upto - deleted >= self.retain_txns || last.elapsed() >= self.retain_for {
             if let Some(d) = self.delete_acked(upto)? {
                 self.shared.deleted_upto.fetch_max(d, Ordering::SeqCst);
             }
