@@ -670,6 +670,13 @@ impl SledLog {
         self
     }
 
+    /// Chunks in the `data` tree (multi-chunk transactions not deleted yet), for
+    /// tests.
+    #[doc(hidden)]
+    pub fn data_chunks(&self) -> usize {
+        self.data.len()
+    }
+
     /// Sets when acknowledged transactions are deleted while the reader has not
     /// caught up (defaults [`RETAIN_TXNS`], [`RETAIN_FOR`]; for tests). Handles
     /// cloned afterwards inherit it.
@@ -749,6 +756,14 @@ impl SledLog {
         };
         if self.shared.acked.load(Ordering::SeqCst) >= last {
             self.raise_meta(META_LAST_END, p.max_end)?;
+            // No entry was written, so no entry points at these chunks.
+            for &(data_id, chunk_end) in &p.chunks {
+                for c in 0..chunk_end {
+                    self.data
+                        .remove(chunk_key(data_id, c))
+                        .map_err(|e| self.storage(e))?;
+                }
+            }
         } else {
             let count = (p.spans.len() as u32).to_be_bytes();
             p.buf[..4].copy_from_slice(&count);

@@ -466,3 +466,44 @@ fn batch_boundaries_ack_mid_batch_and_unflushed_loss() {
     assert_eq!(log.last_end_lsn(), Some(Lsn(400)));
     assert_eq!(commit_one(&mut log, 500).0, 5);
 }
+
+/// A multi-chunk transaction's chunks go when its batch goes: deleted with the
+/// stored batch, or at once when apply acknowledged it before the flush (the
+/// batch is then never written).
+#[test]
+fn multi_chunk_transactions_leave_no_chunks_behind() {
+    let dir = tempdir();
+    let mut log = SledLog::open(&dir).unwrap();
+    let reader = log.clone();
+    let mut commit_multi = |log: &mut SledLog, end: u64| {
+        let id = log.open();
+        for i in 0..3 {
+            log.append(id, 1, &[relation(1, 0), rec(i, 1)]).unwrap();
+        }
+        log.commit(id, header(end)).unwrap()
+    };
+    // Stored, then acknowledged (caught up): batch and chunks deleted.
+    let seq = commit_multi(&mut log, 100);
+    futures_block_on(log.flush()).unwrap();
+    assert_eq!(log.data_chunks(), 3);
+    let t = reader.next_from(seq).unwrap().unwrap();
+    assert_eq!(reader.records(&t).unwrap().count(), 3);
+    reader.ack(seq).unwrap();
+    assert_eq!(log.data_chunks(), 0);
+    // Acknowledged from the pending batch, then flushed: nothing is left.
+    let seq = commit_multi(&mut log, 200);
+    let t = reader.next_from(seq).unwrap().unwrap();
+    let got: Vec<Record> = reader
+        .records(&t)
+        .unwrap()
+        .flat_map(|c| c.unwrap())
+        .collect();
+    assert_eq!(got.len(), 6);
+    reader.ack(seq).unwrap();
+    futures_block_on(log.flush()).unwrap();
+    assert_eq!(log.data_chunks(), 0);
+    drop((log, reader));
+    let log = reopen(&dir);
+    assert_eq!(log.last_end_lsn(), Some(Lsn(200)));
+    assert_eq!(log.all().unwrap(), vec![]);
+}
