@@ -475,7 +475,7 @@ fn multi_chunk_transactions_leave_no_chunks_behind() {
     let dir = tempdir();
     let mut log = SledLog::open(&dir).unwrap();
     let reader = log.clone();
-    let mut commit_multi = |log: &mut SledLog, end: u64| {
+    let commit_multi = |log: &mut SledLog, end: u64| {
         let id = log.open();
         for i in 0..3 {
             log.append(id, 1, &[relation(1, 0), rec(i, 1)]).unwrap();
