@@ -1,6 +1,7 @@
 //! Writes, reads and acknowledges N pgbench-sized transactions through the sled
 //! log and prints the time each side took (a quick check of the log's own cost).
-//!   cargo run --release -p switchback-queue --example log_bench -- 20000
+//!   cargo run --release -p switchback-queue --example log_bench -- 20000 [FLUSH_EVERY [BATCH_BYTES]]
+//! (a flush every 200 transactions and the default batch size unless given).
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -30,8 +31,16 @@ fn main() {
         .nth(1)
         .and_then(|a| a.parse().ok())
         .unwrap_or(20_000);
+    let flush_every: u64 = std::env::args()
+        .nth(2)
+        .and_then(|a| a.parse().ok())
+        .unwrap_or(200);
+    let batch_bytes: usize = std::env::args()
+        .nth(3)
+        .and_then(|a| a.parse().ok())
+        .unwrap_or(switchback_queue::sled_log::BATCH_BYTES);
     let dir = std::env::temp_dir().join(format!("sb-log-bench-{}", std::process::id()));
-    let mut log = SledLog::open(&dir).unwrap();
+    let mut log = SledLog::open(&dir).unwrap().with_batch_bytes(batch_bytes);
     let reader = log.clone();
     let rt = tokio::runtime::Builder::new_current_thread()
         .build()
@@ -73,7 +82,7 @@ fn main() {
             },
         )
         .unwrap();
-        if i % 200 == 199 {
+        if i % flush_every == flush_every - 1 {
             rt.block_on(log.flush()).unwrap();
         }
     }

@@ -3,54 +3,77 @@
 //!
 //! # Layout
 //!
-//! Two sled trees in one database directory:
+//! Three sled trees in one database directory:
 //!
-//! * `txns`: key `seq (u64 BE)` → `header length (u32 BE) ++ envelope of`
-//!   [`StoredHeader`] (with `prev_end_lsn`, the end LSN of the transaction committed
-//!   before, for gap detection) `++ inline chunk`. A transaction whose records fit in one
+//! * `txns`: committed transactions in *batches* (group commit). Key `first seq
+//!   (u64 BE)` → `count (u32 BE) ++ count × (length (u32 BE) ++ entry)`: the entries
+//!   of seqs `first..first + count`, consecutive. A batch never spans a gap and
+//!   batches never overlap. An entry is `header length (u32 BE) ++ envelope of`
+//!   [`StoredHeader`] `++ inline chunk`. A transaction whose records fit in one
 //!   chunk (most OLTP transactions) is stored *inline*: its only chunk (a record
-//!   envelope of `Vec<Record>`) follows the header in the same value, so it costs
-//!   one sled write. Meta keys live in the same tree behind the prefix `FF×8` (they
-//!   sort after every seq): `last_end_lsn`, `acked`, `next_seq`.
+//!   envelope of `Vec<Record>`) follows the header in the entry. Meta keys live in
+//!   the same tree behind the prefix `FF×8` (they sort after every seq):
+//!   `last_end_lsn`, `acked`, `next_seq`.
 //! * `data`: key `data_id (u64 BE) ++ chunk (u32 BE)` → `subxid (u32 BE) ++ record
-//!   envelope of Vec<Record>`, for transactions of more than one chunk. The writer
-//!   keeps a transaction's first chunk in memory; from the second chunk on, chunks
-//!   are written as they arrive (memory stays bounded: one chunk per open
-//!   transaction). A `data_id` is only reachable from a header once the transaction
-//!   commits.
+//!   envelope of Vec<Record>`, for transactions of more than one chunk (only their
+//!   entry goes into a batch). The writer keeps a transaction's first chunk in
+//!   memory; from the second chunk on, chunks are written as they arrive (memory
+//!   stays bounded: one chunk per open transaction). A `data_id` is only reachable
+//!   from an entry once the transaction commits.
+//! * `rels`: key `oid (u32 BE) ++ seq (u64 BE)` → the encoded Relation record that
+//!   transaction `seq` introduced; inline chunks leave out Relation records equal to
+//!   the latest version, and readers put them back.
 //!
-//! # Durability point
+//! # Commit, flush and the durability point
 //!
-//! A commit is one single-key write: the header (with its inline chunk, or after its
-//! chunks). The meta keys only ever grow and summarise headers that retention
-//! deletes (they are raised before the headers go), so recovery takes the maximum
-//! of each meta key and what the remaining headers show. [`SledLog::flush`] flushes
-//! the whole database (sled's flush covers every tree); capture acknowledges the hub
-//! only after it returns. sled recovers a prefix of its write log, so a header that
-//! survived a crash has its chunks.
+//! [`QueueWriter::commit`] appends the entry to the *pending batch*, held in memory
+//! and shared by every handle of the process (clones share it), so readers see the
+//! transaction at once; it costs no sled write. The pending batch is written to
+//! sled as one value by [`SledLog::flush`] (which then flushes the whole database:
+//! sled's flush covers every tree) and, without a flush, once it reaches
+//! [`BATCH_BYTES`]. A batch whose every transaction is acknowledged already (apply
+//! keeps up) is not written at all: only its last end LSN goes to the `last_end_lsn`
+//! meta key. New relation versions go to `rels` at commit, before the batch that
+//! introduces them. Capture acknowledges the hub only after a flush returns, so a
+//! crash loses only what was committed after the last flush, as the queue contract
+//! allows; sled recovers a prefix of its write log, so a batch that survived has its
+//! chunks and relation versions. Apply may read and acknowledge transactions of
+//! the pending batch, so after a crash an acknowledgement can outlive transactions
+//! that were lost: seqs continue after it, capture stores what the hub sends again
+//! under new seqs, and apply skips those by `end_lsn` (queue contract:
+//! redelivery).
 //!
 //! No multi-key `apply_batch` is used anywhere: in sled 0.34 it takes a global write
 //! lock and can deadlock against the background flusher when a node split needs a
 //! new segment (seen here under `switchback run`). Every step is a single-key write
 //! ordered so that a crash between two steps leaves a state recovery understands.
-//! Hot paths use point reads (`get`), not range scans: a sled iterator copies the
-//! leaf node it starts in.
+//!
+//! # Reading
+//!
+//! A reader handle caches the last stored batch it decoded: reading a transaction
+//! and its records costs no sled operation inside that batch, one point read
+//! (`get` of the next batch's key) when moving on, and a range lookup only after a
+//! gap. Transactions still in the pending batch are copied from memory. (A sled
+//! iterator copies the leaf node it starts in, so hot paths avoid ranges.)
 //!
 //! # Retention
 //!
-//! [`QueueReader::ack`] records `acked` (one write); readers never look at or
-//! below it again. Deleting the acknowledged transactions is deferred so that a
-//! catch-up spends its time applying: they are deleted when the reader has caught
-//! up with the writer, when [`RETAIN_TXNS`] of them have piled up, or
-//! [`RETAIN_FOR`] after the last deletion, whichever comes first. Each header is
-//! deleted before its chunks (a crash in between leaves orphaned chunks, which
-//! recovery deletes).
+//! [`QueueReader::ack`] records `acked` and `next_seq` (two small writes); readers
+//! never look at or below it again. Deleting acknowledged transactions is deferred
+//! so that a catch-up spends its time applying, and happens a whole batch at a time,
+//! once every seq in it is acknowledged: when the reader has caught up with the
+//! writer, when [`RETAIN_TXNS`] have piled up, or [`RETAIN_FOR`] after the last
+//! deletion, whichever comes first. The meta keys are raised first (they summarise
+//! what the deleted batches showed); each batch is deleted before its chunks (a
+//! crash in between leaves orphaned chunks, which recovery deletes).
 //!
 //! # Recovery
 //!
-//! On open, chunks whose `data_id` no header references are the remains of a
-//! transaction that was in progress at a crash: they are deleted. `next_seq` and the
-//! next `data_id` continue after everything found.
+//! On open, `next_seq`, the last end LSN and the next `data_id` continue after the
+//! maximum of the meta keys and what the stored batches show. Chunks whose
+//! `data_id` no entry references are the remains of a transaction that was in
+//! progress (or committed but not flushed) at a crash: they are deleted, and so are
+//! relation versions with a seq at or above `next_seq`.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::{Path, PathBuf};
@@ -86,7 +109,7 @@ pub struct StoredHeader {
     /// The inline chunk left out Relation records equal to the relation's latest
     /// stored version (the `rels` tree); readers put them back.
     pub relations_elided: bool,
-    /// End LSN of the transaction committed before this one.
+    /// End LSN of the transaction committed before this one (gap detection).
     pub prev_end_lsn: Option<Lsn>,
 }
 
@@ -109,6 +132,131 @@ fn decode_entry(v: &[u8]) -> Result<(StoredHeader, &[u8]), QueueError> {
     let end = 4 + u32::from_be_bytes(len) as usize;
     let head = v.get(4..end).ok_or_else(corrupt)?;
     Ok((record::decode(head)?, &v[end..]))
+}
+
+/// Pending batch size at which [`QueueWriter::commit`] writes it to sled without
+/// waiting for a flush (the default of [`SledLog::with_batch_bytes`]).
+pub const BATCH_BYTES: usize = 256 * 1024;
+
+/// What retention needs to know about a batch stored in the `txns` tree.
+struct BatchInfo {
+    first: u64,
+    last: u64,
+    max_end: u64,
+    /// `(data_id, chunk_end)` of its multi-chunk transactions.
+    chunks: Vec<(u64, u32)>,
+}
+
+/// The batch being built by the writer: committed (visible to this process's
+/// readers) but not yet written to sled. `buf` is the future `txns` value.
+#[derive(Default)]
+struct Pending {
+    first: u64,
+    buf: Vec<u8>,
+    spans: Vec<std::ops::Range<usize>>,
+    max_end: u64,
+    chunks: Vec<(u64, u32)>,
+}
+
+impl Pending {
+    fn push(&mut self, seq: u64, entry: &[u8], end: u64, chunks: Option<(u64, u32)>) {
+        if self.spans.is_empty() {
+            self.first = seq;
+            self.buf.clear();
+            self.buf.extend_from_slice(&[0; 4]);
+        }
+        debug_assert_eq!(seq, self.first + self.spans.len() as u64);
+        self.buf
+            .extend_from_slice(&(entry.len() as u32).to_be_bytes());
+        let start = self.buf.len();
+        self.buf.extend_from_slice(entry);
+        self.spans.push(start..self.buf.len());
+        self.max_end = self.max_end.max(end);
+        self.chunks.extend(chunks);
+    }
+
+    fn last(&self) -> Option<u64> {
+        (!self.spans.is_empty()).then(|| self.first + self.spans.len() as u64 - 1)
+    }
+
+    fn entry(&self, seq: u64) -> Option<&[u8]> {
+        let i = seq.checked_sub(self.first)?;
+        self.spans
+            .get(usize::try_from(i).ok()?)
+            .map(|r| &self.buf[r.clone()])
+    }
+}
+
+/// A `txns` value: `count (u32 BE) ++ count × (length (u32 BE) ++ entry)`, the
+/// entries of seqs `first..first + count`.
+struct StoredBatch {
+    first: u64,
+    value: sled::IVec,
+    spans: Vec<std::ops::Range<usize>>,
+}
+
+impl StoredBatch {
+    fn decode(key: &[u8], value: sled::IVec) -> Result<StoredBatch, QueueError> {
+        let first = read_u64(key)?;
+        let corrupt = || QueueError::Corrupt(format!("transaction batch {first} is truncated"));
+        let be32 = |at: usize| -> Result<usize, QueueError> {
+            let b: [u8; 4] = value
+                .get(at..at + 4)
+                .ok_or_else(corrupt)?
+                .try_into()
+                .expect("4 bytes");
+            Ok(u32::from_be_bytes(b) as usize)
+        };
+        let count = be32(0)?;
+        let mut spans = Vec::with_capacity(count);
+        let mut at = 4;
+        for _ in 0..count {
+            let len = be32(at)?;
+            at += 4;
+            if value.len() < at + len {
+                return Err(corrupt());
+            }
+            spans.push(at..at + len);
+            at += len;
+        }
+        if count == 0 || at != value.len() {
+            return Err(QueueError::Corrupt(format!(
+                "transaction batch {first} has a bad length"
+            )));
+        }
+        Ok(StoredBatch {
+            first,
+            value,
+            spans,
+        })
+    }
+
+    fn last(&self) -> u64 {
+        self.first + self.spans.len() as u64 - 1
+    }
+
+    fn contains(&self, seq: u64) -> bool {
+        self.first <= seq && seq <= self.last()
+    }
+
+    fn entry(&self, seq: u64) -> &[u8] {
+        &self.value[self.spans[(seq - self.first) as usize].clone()]
+    }
+}
+
+/// A transaction's `txns` entry as a reader found it.
+enum Entry {
+    Stored(Arc<StoredBatch>, u64),
+    Copied(Vec<u8>),
+}
+
+impl Entry {
+    fn bytes(&self) -> &[u8] {
+        match self {
+            Entry::Stored(b, seq) => b.entry(*seq),
+            Entry::Copied(v) => v,
+        }
+    }
 }
 
 /// A chunk written to the `data` tree for an open transaction.
@@ -182,6 +330,13 @@ struct Shared {
     deleted_upto: AtomicU64,
     last_deletion: Mutex<Instant>,
     relations: Mutex<RelationVersions>,
+    /// Highest acknowledged seq (0: none), as in the `acked` meta key.
+    acked: AtomicU64,
+    /// Committed entries not written to sled yet. Lock order: `pending`, then
+    /// `stored`.
+    pending: Mutex<Pending>,
+    /// The batches in the `txns` tree, in seq order.
+    stored: Mutex<std::collections::VecDeque<BatchInfo>>,
 }
 
 /// The sled log. Clone it to share between a writer task and a reader task of one
@@ -201,8 +356,13 @@ pub struct SledLog {
     open: std::collections::HashMap<OpenId, OpenTxn>,
     last_end: Option<Lsn>,
     start: Option<Lsn>,
+    batch_bytes: usize,
     // reader state
     continuity: Mutex<Continuity>,
+    retain_txns: u64,
+    retain_for: Duration,
+    /// The stored batch this handle read last.
+    cache: Mutex<Option<Arc<StoredBatch>>>,
 }
 
 impl Clone for SledLog {
@@ -222,6 +382,10 @@ impl Clone for SledLog {
             last_end: self.last_end,
             start: None,
             continuity: Default::default(),
+            batch_bytes: self.batch_bytes,
+            retain_txns: self.retain_txns,
+            retain_for: self.retain_for,
+            cache: Mutex::new(None),
         }
     }
 }
@@ -308,6 +472,9 @@ impl SledLog {
                 deleted_upto: AtomicU64::new(0),
                 last_deletion: Mutex::new(Instant::now()),
                 relations: Mutex::new(HashMap::new()),
+                acked: AtomicU64::new(0),
+                pending: Mutex::new(Pending::default()),
+                stored: Mutex::new(Default::default()),
             }),
             latest_relations: HashMap::new(),
             next_seq: 1,
@@ -316,6 +483,10 @@ impl SledLog {
             last_end: None,
             start: None,
             continuity: Default::default(),
+            batch_bytes: BATCH_BYTES,
+            retain_txns: RETAIN_TXNS,
+            retain_for: RETAIN_FOR,
+            cache: Mutex::new(None),
         };
         log.recover()?;
         Ok(log)
@@ -335,15 +506,52 @@ impl SledLog {
         }
     }
 
-    /// Headers with seq at or above `from`, in order.
-    fn headers_from(
+    /// The stored batches from the one holding `from` on, in order.
+    fn batches_from(
         &self,
         from: u64,
-    ) -> impl Iterator<Item = Result<(u64, StoredHeader), QueueError>> + '_ {
-        self.txns.range(be64(from)..META_PREFIX).map(move |kv| {
-            let (k, v) = kv.map_err(|e| self.storage(e))?;
-            Ok((read_u64(&k)?, decode_entry(&v)?.0))
-        })
+    ) -> Result<impl Iterator<Item = Result<StoredBatch, QueueError>> + '_, QueueError> {
+        let start = match self.txns.range(..=be64(from)).next_back() {
+            Some(kv) => kv.map_err(|e| self.storage(e))?.0,
+            None => sled::IVec::from(&be64(from)),
+        };
+        Ok(self
+            .txns
+            .range(start..sled::IVec::from(&META_PREFIX))
+            .map(move |kv| {
+                let (k, v) = kv.map_err(|e| self.storage(e))?;
+                StoredBatch::decode(&k, v)
+            }))
+    }
+
+    /// Headers with seq at or above `from`, in order: the stored batches, then the
+    /// pending one.
+    fn headers_from(&self, from: u64) -> Result<Vec<(u64, StoredHeader)>, QueueError> {
+        // The pending batch first: entries move from it to sled, never back, so a
+        // sled entry below its first seq is never read twice.
+        let (pending_first, mut tail) = {
+            let p = self.shared.pending.lock().expect("not poisoned");
+            let mut tail = Vec::new();
+            if let Some(last) = p.last() {
+                for seq in p.first.max(from)..=last {
+                    let e = p.entry(seq).expect("in the pending batch");
+                    tail.push((seq, decode_entry(e)?.0));
+                }
+            }
+            (p.last().map_or(u64::MAX, |_| p.first), tail)
+        };
+        let mut out = Vec::new();
+        'batches: for b in self.batches_from(from)? {
+            let b = b?;
+            for seq in b.first.max(from)..=b.last() {
+                if seq >= pending_first {
+                    break 'batches;
+                }
+                out.push((seq, decode_entry(b.entry(seq))?.0));
+            }
+        }
+        out.append(&mut tail);
+        Ok(out)
     }
 
     fn recover(&mut self) -> Result<(), QueueError> {
@@ -357,14 +565,33 @@ impl SledLog {
         let mut max_data = 0;
         let mut last_end = self.last_end;
         let mut first_seq = None;
-        for h in self.headers_from(0) {
-            let (seq, h) = h?;
-            first_seq.get_or_insert(seq);
-            next_seq = next_seq.max(seq + 1);
-            last_end = last_end.max(Some(h.header.end_lsn));
-            referenced.insert(h.data_id);
-            max_data = max_data.max(h.data_id);
+        let mut stored = std::collections::VecDeque::new();
+        for b in self.batches_from(0)? {
+            let b = b?;
+            first_seq.get_or_insert(b.first);
+            next_seq = next_seq.max(b.last() + 1);
+            let mut info = BatchInfo {
+                first: b.first,
+                last: b.last(),
+                max_end: 0,
+                chunks: Vec::new(),
+            };
+            for seq in b.first..=b.last() {
+                let h = decode_entry(b.entry(seq))?.0;
+                info.max_end = info.max_end.max(h.header.end_lsn.0);
+                if h.chunk_end > 0 {
+                    info.chunks.push((h.data_id, h.chunk_end));
+                }
+                referenced.insert(h.data_id);
+                max_data = max_data.max(h.data_id);
+            }
+            last_end = last_end.max(Some(Lsn(info.max_end)));
+            stored.push_back(info);
         }
+        *self.shared.stored.lock().expect("not poisoned") = stored;
+        self.shared
+            .acked
+            .store(acked.unwrap_or(0), Ordering::SeqCst);
         self.last_end = last_end;
         // Delete chunks of transactions that never committed.
         let mut cursor = 0u64;
@@ -434,15 +661,38 @@ impl SledLog {
     /// Every transaction not acknowledged yet, for `queue dump` and tests.
     pub fn all(&self) -> Result<Vec<QueuedTxn>, QueueError> {
         let from = self.acked()?.map_or(0, |a| a + 1);
-        self.headers_from(from)
-            .map(|r| {
-                r.map(|(seq, h)| QueuedTxn {
-                    seq,
-                    prev_end_lsn: h.prev_end_lsn,
-                    header: h.header,
-                })
+        Ok(self
+            .headers_from(from)?
+            .into_iter()
+            .map(|(seq, h)| QueuedTxn {
+                seq,
+                prev_end_lsn: h.prev_end_lsn,
+                header: h.header,
             })
-            .collect()
+            .collect())
+    }
+
+    /// Sets the pending batch size at which a commit writes the batch to sled
+    /// before a flush (default [`BATCH_BYTES`]; small values are for tests).
+    pub fn with_batch_bytes(mut self, bytes: usize) -> SledLog {
+        self.batch_bytes = bytes;
+        self
+    }
+
+    /// Chunks in the `data` tree (multi-chunk transactions not deleted yet), for
+    /// tests.
+    #[doc(hidden)]
+    pub fn data_chunks(&self) -> usize {
+        self.data.len()
+    }
+
+    /// Sets when acknowledged transactions are deleted while the reader has not
+    /// caught up (defaults [`RETAIN_TXNS`], [`RETAIN_FOR`]; for tests). Handles
+    /// cloned afterwards inherit it.
+    pub fn with_retention(mut self, txns: u64, every: Duration) -> SledLog {
+        self.retain_txns = txns;
+        self.retain_for = every;
+        self
     }
 
     pub fn path(&self) -> &Path {
@@ -472,32 +722,134 @@ impl SledLog {
         Ok(())
     }
 
-    /// Deletes the acknowledged transactions `from..=upto`.
-    fn delete_acked(&self, from: u64, upto: u64) -> Result<(), QueueError> {
-        let mut doomed = Vec::new();
-        let mut last_end = 0;
-        for h in self.headers_from(from) {
-            let (seq, h) = h?;
-            if seq > upto {
-                break;
-            }
-            last_end = last_end.max(h.header.end_lsn.0);
-            doomed.push((seq, h.data_id, h.chunk_end));
+    /// Deletes the stored batches whose every seq is at or below `upto`; returns
+    /// the last seq deleted.
+    fn delete_acked(&self, upto: u64) -> Result<Option<u64>, QueueError> {
+        let mut stored = self.shared.stored.lock().expect("not poisoned");
+        let n = stored.iter().take_while(|b| b.last <= upto).count();
+        if n == 0 {
+            return Ok(None);
         }
-        // What recovery would read from the headers goes to the meta keys first.
+        // What recovery would read from the batches goes to the meta keys first.
+        let last_end = stored.iter().take(n).map(|b| b.max_end).max().unwrap_or(0);
         if last_end > 0 {
             self.raise_meta(META_LAST_END, last_end)?;
         }
-        for (seq, data_id, chunk_end) in doomed {
-            // Header before chunks: no header ever points at missing chunks.
-            self.txns.remove(be64(seq)).map_err(|e| self.storage(e))?;
-            for c in 0..chunk_end {
-                self.data
-                    .remove(chunk_key(data_id, c))
-                    .map_err(|e| self.storage(e))?;
+        let mut deleted = None;
+        for _ in 0..n {
+            let b = stored.front().expect("counted");
+            // Batch before chunks: no entry ever points at missing chunks.
+            self.txns
+                .remove(be64(b.first))
+                .map_err(|e| self.storage(e))?;
+            for &(data_id, chunk_end) in &b.chunks {
+                for c in 0..chunk_end {
+                    self.data
+                        .remove(chunk_key(data_id, c))
+                        .map_err(|e| self.storage(e))?;
+                }
+            }
+            deleted = Some(b.last);
+            stored.pop_front();
+        }
+        Ok(deleted)
+    }
+
+    /// Writes the pending batch to sled as one value (not flushed), unless every
+    /// transaction in it is acknowledged already: then only what recovery would
+    /// have read from it is kept (the last end LSN; `ack` raised `next_seq`).
+    fn write_pending(&self) -> Result<(), QueueError> {
+        let mut p = self.shared.pending.lock().expect("not poisoned");
+        let Some(last) = p.last() else {
+            return Ok(());
+        };
+        if self.shared.acked.load(Ordering::SeqCst) >= last {
+            self.raise_meta(META_LAST_END, p.max_end)?;
+            // No entry was written, so no entry points at these chunks.
+            for &(data_id, chunk_end) in &p.chunks {
+                for c in 0..chunk_end {
+                    self.data
+                        .remove(chunk_key(data_id, c))
+                        .map_err(|e| self.storage(e))?;
+                }
+            }
+        } else {
+            let count = (p.spans.len() as u32).to_be_bytes();
+            p.buf[..4].copy_from_slice(&count);
+            self.txns
+                .insert(be64(p.first), p.buf.as_slice())
+                .map_err(|e| self.storage(e))?;
+            let info = BatchInfo {
+                first: p.first,
+                last,
+                max_end: p.max_end,
+                chunks: std::mem::take(&mut p.chunks),
+            };
+            self.shared
+                .stored
+                .lock()
+                .expect("not poisoned")
+                .push_back(info);
+        }
+        p.spans.clear();
+        p.chunks.clear();
+        p.buf.clear();
+        p.max_end = 0;
+        Ok(())
+    }
+
+    /// The first committed transaction with seq at or above `from` and its entry:
+    /// from this handle's cached batch, the pending batch, or sled.
+    fn locate(&self, from: u64) -> Result<Option<(u64, Entry)>, QueueError> {
+        let mut cache = self.cache.lock().expect("not poisoned");
+        if let Some(b) = cache.as_ref().filter(|b| b.contains(from)) {
+            return Ok(Some((from, Entry::Stored(b.clone(), from))));
+        }
+        // Every seq below the pending batch's first is in sled (or deleted): the
+        // writer removes entries from the pending batch only after writing them.
+        let pending_first = {
+            let p = self.shared.pending.lock().expect("not poisoned");
+            match p.last() {
+                Some(last) if from > last => return Ok(None),
+                Some(_) if from >= p.first => {
+                    let e = p.entry(from).expect("in the pending batch");
+                    return Ok(Some((from, Entry::Copied(e.to_vec()))));
+                }
+                Some(_) => Some((p.first, p.entry(p.first).expect("first").to_vec())),
+                None => None,
+            }
+        };
+        // Moving to the next batch: `from` is usually its key. Otherwise the batch
+        // holding `from`, or the first one after it.
+        let storage = |e| self.storage(e);
+        let mut found = match self.txns.get(be64(from)).map_err(storage)? {
+            Some(v) => Some(StoredBatch::decode(&be64(from), v)?),
+            None => None,
+        };
+        if found.is_none() {
+            if let Some((k, v)) = self
+                .txns
+                .range(..be64(from))
+                .next_back()
+                .transpose()
+                .map_err(storage)?
+            {
+                found = Some(StoredBatch::decode(&k, v)?).filter(|b| b.contains(from));
             }
         }
-        Ok(())
+        if found.is_none() {
+            let after = self.txns.range(be64(from)..META_PREFIX).next();
+            if let Some((k, v)) = after.transpose().map_err(storage)? {
+                found = Some(StoredBatch::decode(&k, v)?);
+            }
+        }
+        if let Some(b) = found {
+            let b = Arc::new(b);
+            let seq = from.max(b.first);
+            *cache = Some(b.clone());
+            return Ok(Some((seq, Entry::Stored(b, seq))));
+        }
+        Ok(pending_first.map(|(seq, e)| (seq, Entry::Copied(e))))
     }
 
     /// Puts back the Relation records an inline transaction left out: before the
@@ -727,12 +1079,16 @@ impl QueueWriter for SledLog {
             relations_elided: !elide.is_empty(),
             prev_end_lsn: self.last_end.or(self.start),
         };
-        // The header is the commit point. The meta keys summarise headers only once
-        // they are deleted (see retention); until then recovery reads the headers.
+        // The entry joins the pending batch: visible to this process's readers at
+        // once, durable once a flush has written the batch. The meta keys summarise
+        // batches only once they are deleted (see retention).
         let value = encode_entry(&stored, inline.as_deref())?;
-        self.txns
-            .insert(be64(seq), value)
-            .map_err(|e| self.storage(e))?;
+        let chunks = (stored.chunk_end > 0).then_some((stored.data_id, stored.chunk_end));
+        let full = {
+            let mut p = self.shared.pending.lock().expect("not poisoned");
+            p.push(seq, &value, end_lsn.0, chunks);
+            p.buf.len() >= self.batch_bytes
+        };
         self.next_seq += 1;
         self.last_end = Some(end_lsn);
         if !new_versions.is_empty() {
@@ -746,10 +1102,14 @@ impl QueueWriter for SledLog {
             }
         }
         self.shared.committed.store(seq, Ordering::SeqCst);
+        if full {
+            self.write_pending()?;
+        }
         Ok(seq)
     }
 
     async fn flush(&mut self) -> Result<(), QueueError> {
+        self.write_pending()?;
         self.db.flush_async().await.map_err(|e| self.storage(e))?;
         Ok(())
     }
@@ -765,14 +1125,10 @@ impl QueueWriter for SledLog {
 
 impl QueueReader for SledLog {
     fn next_from(&self, from: u64) -> Result<Option<QueuedTxn>, QueueError> {
-        // The next transaction is almost always `from` itself: a point read.
-        let found = match self.txns.get(be64(from)).map_err(|e| self.storage(e))? {
-            Some(v) => Some((from, decode_entry(&v)?.0)),
-            None => self.headers_from(from).next().transpose()?,
-        };
-        let Some((seq, h)) = found else {
+        let Some((seq, e)) = self.locate(from)? else {
             return Ok(None);
         };
+        let h = decode_entry(e.bytes())?.0;
         let t = QueuedTxn {
             seq,
             prev_end_lsn: h.prev_end_lsn,
@@ -791,14 +1147,15 @@ impl QueueReader for SledLog {
     ) -> Result<Box<dyn Iterator<Item = Result<Vec<Record>, QueueError>> + Send + '_>, QueueError>
     {
         let seq = txn.seq;
-        let v = self
-            .txns
-            .get(be64(seq))
-            .map_err(|e| self.storage(e))?
-            .ok_or_else(|| {
-                QueueError::Corrupt(format!("transaction seq {seq} is not in the queue"))
-            })?;
-        let (h, inline) = decode_entry(&v)?;
+        let entry = match self.locate(seq)? {
+            Some((s, e)) if s == seq => e,
+            _ => {
+                return Err(QueueError::Corrupt(format!(
+                    "transaction seq {seq} is not in the queue"
+                )))
+            }
+        };
+        let (h, inline) = decode_entry(entry.bytes())?;
         if !inline.is_empty() {
             let mut records = record::decode::<Vec<Record>>(inline)?;
             if h.relations_elided {
@@ -841,15 +1198,17 @@ impl QueueReader for SledLog {
         // next_seq from it too.
         self.raise_meta(META_NEXT_SEQ, upto + 1)?;
         self.raise_meta(META_ACKED, upto)?;
+        self.shared.acked.fetch_max(upto, Ordering::SeqCst);
         let deleted = self.shared.deleted_upto.load(Ordering::SeqCst);
         if upto <= deleted {
             return Ok(());
         }
         let caught_up = upto >= self.shared.committed.load(Ordering::SeqCst);
         let mut last = self.shared.last_deletion.lock().expect("not poisoned");
-        if caught_up || upto - deleted >= RETAIN_TXNS || last.elapsed() >= RETAIN_FOR {
-            self.delete_acked(deleted + 1, upto)?;
-            self.shared.deleted_upto.store(upto, Ordering::SeqCst);
+        if caught_up || upto - deleted >= self.retain_txns || last.elapsed() >= self.retain_for {
+            if let Some(d) = self.delete_acked(upto)? {
+                self.shared.deleted_upto.fetch_max(d, Ordering::SeqCst);
+            }
             *last = Instant::now();
         }
         Ok(())
@@ -873,13 +1232,18 @@ impl QueueReader for SledLog {
             ..Default::default()
         };
         // Acknowledged transactions not deleted yet still count for the last end LSN.
+        let p_end = self.shared.pending.lock().expect("not poisoned").max_end;
+        if p_end > 0 {
+            d.last_end_lsn = d.last_end_lsn.max(Some(Lsn(p_end)));
+        }
         if let Some(kv) = self.txns.range(..META_PREFIX).next_back() {
-            let (_, v) = kv.map_err(|e| self.storage(e))?;
-            d.last_end_lsn = d.last_end_lsn.max(Some(decode_entry(&v)?.0.header.end_lsn));
+            let (k, v) = kv.map_err(|e| self.storage(e))?;
+            let b = StoredBatch::decode(&k, v)?;
+            let end = decode_entry(b.entry(b.last()))?.0.header.end_lsn;
+            d.last_end_lsn = d.last_end_lsn.max(Some(end));
         }
         let from = self.acked()?.map_or(0, |a| a + 1);
-        for h in self.headers_from(from) {
-            let (seq, h) = h?;
+        for (seq, h) in self.headers_from(from)? {
             d.transactions += 1;
             d.bytes += h.header.bytes;
             d.last_end_lsn = d.last_end_lsn.max(Some(h.header.end_lsn));

@@ -53,23 +53,29 @@ enum Op {
     Discard(u8),
     Commit(u8),
     Flush,
-    /// Acknowledge up to the k-th committed, unacknowledged transaction.
+    /// Acknowledge up to the k-th committed, unacknowledged transaction (or the
+    /// last one).
     Ack(u8),
-    /// Close and reopen (a crash after the last flush loses nothing committed
-    /// before it; sled may keep more, which the model allows).
+    /// Flush, close and reopen: nothing committed is lost.
     Reopen,
+    /// Close and reopen without a flush: transactions committed since the last
+    /// flush may be lost (a suffix of them), nothing flushed is; acknowledgements
+    /// since the last flush may be lost too (those transactions come back).
+    Crash,
 }
 
 fn op() -> impl Strategy<Value = Op> {
+    // Weighted so that cases commit and acknowledge enough to fill batches.
     prop_oneof![
-        (0..3u8).prop_map(Op::Open),
-        (0..3u8, 0..3u8, 1..4u8).prop_map(|(a, b, c)| Op::Append(a, b, c)),
-        (0..3u8, 0..3u8).prop_map(|(a, b)| Op::DiscardSub(a, b)),
-        (0..3u8).prop_map(Op::Discard),
-        (0..3u8).prop_map(Op::Commit),
-        Just(Op::Flush),
-        (0..4u8).prop_map(Op::Ack),
-        Just(Op::Reopen),
+        4 => (0..3u8).prop_map(Op::Open),
+        3 => (0..3u8, 0..3u8, 1..4u8).prop_map(|(a, b, c)| Op::Append(a, b, c)),
+        1 => (0..3u8, 0..3u8).prop_map(|(a, b)| Op::DiscardSub(a, b)),
+        1 => (0..3u8).prop_map(Op::Discard),
+        5 => (0..3u8).prop_map(Op::Commit),
+        1 => Just(Op::Flush),
+        2 => (0..4u8).prop_map(Op::Ack),
+        1 => Just(Op::Reopen),
+        1 => Just(Op::Crash),
     ]
 }
 
@@ -78,14 +84,32 @@ proptest! {
 
     /// Committed transactions are read back in commit order with exactly their
     /// surviving records; discarded ones never appear; acknowledged ones go away;
-    /// open transactions do not survive a reopen; end LSNs only grow.
+    /// open transactions do not survive a reopen; end LSNs only grow; a reader
+    /// handle walking with `next_from` sees the same; a crash loses only what was
+    /// not flushed. Batches are bounded at a random size, so several commits share
+    /// a batch, batches are written between flushes, and acks land mid-batch.
     #[test]
-    fn sled_log_matches_model(ops in proptest::collection::vec(op(), 1..60)) {
+    fn sled_log_matches_model(
+        ops in proptest::collection::vec(op(), 1..80),
+        batch_bytes in prop_oneof![Just(1usize), 100..2000usize, Just(1usize << 20)],
+        retain_txns in prop_oneof![Just(1u64), Just(3u64), Just(switchback_queue::sled_log::RETAIN_TXNS)],
+    ) {
         let dir = tempdir();
-        let mut log = SledLog::open(&dir).unwrap();
+        let open_log = |dir: &std::path::Path| {
+            reopen(dir)
+                .with_batch_bytes(batch_bytes)
+                .with_retention(retain_txns, switchback_queue::sled_log::RETAIN_FOR)
+        };
+        let mut log = open_log(&dir);
+        let mut reader = log.clone();
         // model: open slots -> (id, records with subxid); committed -> (seq, end, records)
         let mut open: HashMap<u8, (u64, Vec<(u32, Record)>)> = HashMap::new();
         let mut committed: BTreeMap<u64, (u64, Vec<Record>)> = BTreeMap::new();
+        // Every commit, acknowledged or not, by seq (a seq lost in a crash is reused).
+        let mut history: BTreeMap<u64, (u64, Vec<Record>)> = BTreeMap::new();
+        // Highest seq committed before the last flush, highest acked, and highest
+        // acked before the last flush.
+        let (mut flushed_upto, mut acked, mut durable_acked) = (0u64, 0u64, 0u64);
         let mut next_end = 10u64;
         let mut tag = 0u32;
         for op in ops {
@@ -116,27 +140,77 @@ proptest! {
                     }
                 }
                 Op::Commit(s) => {
-                    if let Some((id, recs)) = open.remove(&s) {
+                    // The s-th open slot (any open slot, so that commits are frequent).
+                    let mut slots: Vec<u8> = open.keys().copied().collect();
+                    slots.sort_unstable();
+                    let slot = (!slots.is_empty()).then(|| slots[usize::from(s) % slots.len()]);
+                    if let Some((id, recs)) = slot.and_then(|slot| open.remove(&slot)) {
                         next_end += 10;
                         let seq = log.commit(id, header(next_end)).unwrap();
                         prop_assert!(committed.keys().all(|&k| k < seq), "seq must grow");
-                        committed.insert(seq, (next_end, recs.into_iter().map(|(_, r)| r).collect()));
+                        prop_assert!(seq > acked, "seq {} at or below the acknowledged {}", seq, acked);
+                        let t = (next_end, recs.into_iter().map(|(_, r)| r).collect());
+                        committed.insert(seq, t.clone());
+                        history.insert(seq, t);
                     }
                 }
                 Op::Flush => {
                     futures_block_on(log.flush()).unwrap();
+                    flushed_upto = history.keys().next_back().copied().unwrap_or(0);
+                    durable_acked = acked;
                 }
                 Op::Ack(k) => {
-                    if let Some(&seq) = committed.keys().nth(usize::from(k)) {
-                        log.ack(seq).unwrap();
+                    let k = usize::from(k).min(committed.len().saturating_sub(1));
+                    if let Some(&seq) = committed.keys().nth(k) {
+                        reader.ack(seq).unwrap();
+                        acked = seq;
                         committed = committed.split_off(&(seq + 1));
                     }
                 }
                 Op::Reopen => {
                     futures_block_on(log.flush()).unwrap();
-                    drop(log);
-                    log = reopen(&dir);
+                    drop((log, reader));
+                    log = open_log(&dir);
+                    reader = log.clone();
                     open.clear();
+                    flushed_upto = history.keys().next_back().copied().unwrap_or(0);
+                    durable_acked = acked;
+                }
+                Op::Crash => {
+                    drop((log, reader));
+                    log = open_log(&dir);
+                    reader = log.clone();
+                    open.clear();
+                    let got: Vec<u64> = log.all().unwrap().iter().map(|t| t.seq).collect();
+                    for s in committed.keys().filter(|&&s| s <= flushed_upto) {
+                        prop_assert!(got.contains(s), "flushed seq {} lost in a crash", s);
+                    }
+                    for s in &got {
+                        prop_assert!(
+                            committed.contains_key(s) || (*s > durable_acked && *s <= acked),
+                            "seq {} came back from nowhere", s
+                        );
+                    }
+                    let mut lost = false;
+                    for s in committed.keys().filter(|&&s| s > flushed_upto) {
+                        if !got.contains(s) {
+                            lost = true;
+                        } else {
+                            prop_assert!(!lost, "seq {} survived after a lost one", s);
+                        }
+                    }
+                    if let Some(end) = history.get(&flushed_upto).map(|t| t.0) {
+                        prop_assert!(log.last_end_lsn() >= Some(Lsn(end)));
+                    }
+                    committed = got.iter().map(|s| (*s, history[s].clone())).collect();
+                    acked = log.acked().unwrap().unwrap_or(0);
+                    prop_assert!(acked >= durable_acked);
+                    // Lost seqs are forgotten: they may be committed again. (An
+                    // acknowledgement can outlive the unflushed transactions it
+                    // acknowledged; seqs then continue after it.)
+                    flushed_upto = flushed_upto.max(got.last().copied().unwrap_or(0));
+                    history.retain(|&s, _| s <= flushed_upto);
+                    durable_acked = acked;
                 }
             }
             // The reader sees exactly the committed, unacknowledged transactions.
@@ -154,6 +228,17 @@ proptest! {
                 prop_assert_eq!(&got, recs);
                 prop_assert_eq!(t.header.records, recs.len() as u64);
             }
+            // A second handle walking the queue as apply does (its batch cache,
+            // the pending batch and sled) sees the same.
+            let mut walked = Vec::new();
+            let mut from = acked + 1;
+            while let Some(t) = reader.next_from(from).unwrap() {
+                let got: Vec<Record> = reader.records(&t).unwrap().flat_map(|c| c.unwrap()).collect();
+                prop_assert_eq!(Some(&got), committed.get(&t.seq).map(|c| &c.1));
+                walked.push(t.seq);
+                from = t.seq + 1;
+            }
+            prop_assert_eq!(&walked, &want);
             if let Some((&_, (end, _))) = committed.iter().next_back() {
                 prop_assert_eq!(log.last_end_lsn(), Some(Lsn(*end)));
             }
@@ -303,4 +388,122 @@ fn unchanged_relations_are_elided_and_restored() {
         assert_eq!(&got, recs, "seq {seq} after reopen");
     }
     assert!(size_first > 0);
+}
+
+fn commit_one(log: &mut SledLog, end: u64) -> (u64, Vec<Record>) {
+    let recs = vec![relation(1, 0), rec(end as u32, 1)];
+    let id = log.open();
+    log.append(id, 1, &recs).unwrap();
+    (log.commit(id, header(end)).unwrap(), recs)
+}
+
+fn read(log: &SledLog, seq: u64) -> Option<Vec<Record>> {
+    let t = log.next_from(seq).unwrap()?;
+    assert_eq!(t.seq, seq, "next_from({seq}) skipped to {}", t.seq);
+    Some(log.records(&t).unwrap().flat_map(|c| c.unwrap()).collect())
+}
+
+/// Group commit: several commits share a batch; they are visible before the
+/// flush; an acknowledgement in the middle of a batch keeps the rest of it; a
+/// reopen without flush loses exactly the commits after the last flush; a batch
+/// acknowledged in full is deleted and its end LSN is kept.
+#[test]
+fn batch_boundaries_ack_mid_batch_and_unflushed_loss() {
+    let dir = tempdir();
+    // Retention on every acknowledgement, so a mid-batch ack would delete too much.
+    let mut log = SledLog::open(&dir)
+        .unwrap()
+        .with_retention(1, Duration::from_secs(3600));
+    let flushed: Vec<_> = (1..=3).map(|i| commit_one(&mut log, 100 * i)).collect();
+    futures_block_on(log.flush()).unwrap();
+    let unflushed: Vec<_> = (4..=5).map(|i| commit_one(&mut log, 100 * i)).collect();
+    assert_eq!(
+        flushed
+            .iter()
+            .chain(&unflushed)
+            .map(|t| t.0)
+            .collect::<Vec<_>>(),
+        vec![1, 2, 3, 4, 5]
+    );
+    // Visible at once to another handle, flushed or not.
+    let reader = log.clone();
+    for (seq, recs) in flushed.iter().chain(&unflushed) {
+        assert_eq!(read(&reader, *seq).as_ref(), Some(recs), "seq {seq}");
+    }
+    assert_eq!(reader.next_from(6).unwrap(), None);
+    // Acknowledge in the middle of the stored batch 1..=3 (not caught up).
+    reader.ack(2).unwrap();
+    let fresh = log.clone();
+    assert_eq!(read(&fresh, 3).as_ref(), Some(&flushed[2].1));
+    assert_eq!(
+        log.all().unwrap().iter().map(|t| t.seq).collect::<Vec<_>>(),
+        vec![3, 4, 5]
+    );
+    // "Crash": no flush since 4 and 5 were committed.
+    drop((log, reader, fresh));
+    let mut log = reopen(&dir).with_retention(1, Duration::from_secs(3600));
+    assert_eq!(log.acked().unwrap(), Some(2));
+    assert_eq!(
+        log.all().unwrap().iter().map(|t| t.seq).collect::<Vec<_>>(),
+        vec![3]
+    );
+    assert_eq!(read(&log, 3).as_ref(), Some(&flushed[2].1));
+    assert_eq!(log.last_end_lsn(), Some(Lsn(300)));
+    // Seqs continue after what survived; the lost ones are committed again.
+    let again = commit_one(&mut log, 400);
+    assert_eq!(again.0, 4);
+    futures_block_on(log.flush()).unwrap();
+    // Acknowledging everything (caught up) deletes both batches; the end LSN stays.
+    log.ack(4).unwrap();
+    assert_eq!(
+        log.next_from(0).unwrap(),
+        None,
+        "acknowledged batches deleted"
+    );
+    drop(log);
+    let mut log = reopen(&dir);
+    assert_eq!(log.all().unwrap(), vec![]);
+    assert_eq!(log.last_end_lsn(), Some(Lsn(400)));
+    assert_eq!(commit_one(&mut log, 500).0, 5);
+}
+
+/// A multi-chunk transaction's chunks go when its batch goes: deleted with the
+/// stored batch, or at once when apply acknowledged it before the flush (the
+/// batch is then never written).
+#[test]
+fn multi_chunk_transactions_leave_no_chunks_behind() {
+    let dir = tempdir();
+    let mut log = SledLog::open(&dir).unwrap();
+    let reader = log.clone();
+    let commit_multi = |log: &mut SledLog, end: u64| {
+        let id = log.open();
+        for i in 0..3 {
+            log.append(id, 1, &[relation(1, 0), rec(i, 1)]).unwrap();
+        }
+        log.commit(id, header(end)).unwrap()
+    };
+    // Stored, then acknowledged (caught up): batch and chunks deleted.
+    let seq = commit_multi(&mut log, 100);
+    futures_block_on(log.flush()).unwrap();
+    assert_eq!(log.data_chunks(), 3);
+    let t = reader.next_from(seq).unwrap().unwrap();
+    assert_eq!(reader.records(&t).unwrap().count(), 3);
+    reader.ack(seq).unwrap();
+    assert_eq!(log.data_chunks(), 0);
+    // Acknowledged from the pending batch, then flushed: nothing is left.
+    let seq = commit_multi(&mut log, 200);
+    let t = reader.next_from(seq).unwrap().unwrap();
+    let got: Vec<Record> = reader
+        .records(&t)
+        .unwrap()
+        .flat_map(|c| c.unwrap())
+        .collect();
+    assert_eq!(got.len(), 6);
+    reader.ack(seq).unwrap();
+    futures_block_on(log.flush()).unwrap();
+    assert_eq!(log.data_chunks(), 0);
+    drop((log, reader));
+    let log = reopen(&dir);
+    assert_eq!(log.last_end_lsn(), Some(Lsn(200)));
+    assert_eq!(log.all().unwrap(), vec![]);
 }
