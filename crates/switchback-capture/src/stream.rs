@@ -19,7 +19,7 @@ use switchback_pg::hub;
 use switchback_pg::replication::{ReplicationClient, StreamEvent};
 use switchback_pg::PgError;
 use switchback_pgoutput::{decode_frame, Decoder, ReplicationFrame};
-use switchback_queue::QueueWriter;
+use switchback_queue::{BackgroundFlush, QueueError, QueueWriter};
 use tokio::sync::{mpsc, watch, Notify};
 
 use crate::assemble::{Assembler, Step};
@@ -184,80 +184,139 @@ pub async fn session<Q: QueueWriter + Send>(
     let mut unflushed_commits = 0usize;
     let mut acked = start;
 
+    // A flush running in the background and the end position it makes durable:
+    // capture goes on decoding while the queue syncs to disk.
+    let mut inflight: Option<(BackgroundFlush, Lsn)> = None;
+
     let result: Result<(), CaptureError> = async {
         loop {
-            let frame = tokio::select! {
-                f = frames.recv() => f,
-                _ = shutdown.changed() => None,
-            };
-            let Some(frame) = frame else {
-                if *shutdown.borrow() {
-                    break Ok(());
-                }
-                return Err(PgError::Io {
-                    endpoint: "hub".into(),
-                    source: std::io::ErrorKind::UnexpectedEof.into(),
-                }
-                .into());
-            };
-            match frame? {
-                Frame::End => {
-                    return Err(PgError::Io {
-                        endpoint: "hub".into(),
-                        source: std::io::Error::other("the hub ended the replication stream"),
-                    }
-                    .into())
-                }
-                Frame::Keepalive { wal_end } => {
-                    // Idle: nothing in progress and everything stored is durable.
-                    if asm.idle() && handled.is_none() && Lsn(wal_end) > acked {
-                        acked = Lsn(wal_end);
-                        ack_tx.send_replace(acked);
-                        progress.send_modify(|p| p.acked = acked);
-                    }
-                }
-                Frame::Data { data, .. } => {
-                    let msg = decoder
-                        .decode(&data)
-                        .map_err(|e| CaptureError::Decode(e.to_string()))?;
-                    if let Step::Committed { end_lsn, stored } = asm.handle(queue, msg)? {
-                        handled = Some(handled.map_or(end_lsn, |h| h.max(end_lsn)));
-                        if stored {
-                            unflushed_commits += 1;
-                        }
-                    }
-                }
+            enum Event {
+                Frame(Option<Result<Frame, CaptureError>>),
+                Flushed(Result<(), QueueError>),
             }
-            // Group commit: flush when the channel is drained or enough piled up.
-            if let Some(h) = handled {
-                if frames.is_empty() || unflushed_commits >= MAX_UNFLUSHED_COMMITS {
-                    if unflushed_commits > 0 {
-                        queue.flush().await?;
-                        metrics::counter!(metric::CAPTURE_FLUSHES_TOTAL).increment(1);
-                    }
-                    metrics::counter!(metric::CAPTURE_TRANSACTIONS_TOTAL)
-                        .increment(asm.stored_txns);
-                    metrics::counter!(metric::CAPTURE_CHANGES_TOTAL).increment(asm.stored_changes);
-                    metrics::counter!(metric::CAPTURE_DUPLICATES_TOTAL).increment(asm.duplicates);
-                    metrics::counter!(metric::CAPTURE_ECHOES_DROPPED_TOTAL, "direction" => cfg.direction.as_str())
-                        .increment(asm.echoes);
-                    asm.echoes = 0;
-                    asm.stored_txns = 0;
-                    asm.stored_changes = 0;
-                    asm.duplicates = 0;
-                    unflushed_commits = 0;
-                    handled = None;
-                    if h > acked {
-                        acked = h;
+            let flushed = async {
+                match inflight.as_mut() {
+                    Some((f, _)) => f.await,
+                    None => std::future::pending().await,
+                }
+            };
+            let event = tokio::select! {
+                r = flushed => Event::Flushed(r),
+                f = frames.recv() => Event::Frame(f),
+                _ = shutdown.changed() => Event::Frame(None),
+            };
+            match event {
+                Event::Flushed(r) => {
+                    r?;
+                    let (_, lsn) = inflight.take().expect("a flush was in flight");
+                    if lsn > acked {
+                        acked = lsn;
                         ack_tx.send_replace(acked);
                         metrics::gauge!(metric::CAPTURE_ACKED_LSN).set(acked.0 as f64);
                         progress.send_modify(|p| p.acked = acked);
                     }
                 }
+                Event::Frame(None) => {
+                    if *shutdown.borrow() {
+                        break Ok(());
+                    }
+                    return Err(PgError::Io {
+                        endpoint: "hub".into(),
+                        source: std::io::ErrorKind::UnexpectedEof.into(),
+                    }
+                    .into());
+                }
+                Event::Frame(Some(frame)) => match frame? {
+                    Frame::End => {
+                        return Err(PgError::Io {
+                            endpoint: "hub".into(),
+                            source: std::io::Error::other("the hub ended the replication stream"),
+                        }
+                        .into())
+                    }
+                    Frame::Keepalive { wal_end } => {
+                        // Idle: nothing in progress and everything stored is durable.
+                        if asm.idle()
+                            && handled.is_none()
+                            && inflight.is_none()
+                            && Lsn(wal_end) > acked
+                        {
+                            acked = Lsn(wal_end);
+                            ack_tx.send_replace(acked);
+                            progress.send_modify(|p| p.acked = acked);
+                        }
+                    }
+                    Frame::Data { data, .. } => {
+                        let msg = decoder
+                            .decode(&data)
+                            .map_err(|e| CaptureError::Decode(e.to_string()))?;
+                        if let Step::Committed { end_lsn, stored } = asm.handle(queue, msg)? {
+                            handled = Some(handled.map_or(end_lsn, |h| h.max(end_lsn)));
+                            if stored {
+                                unflushed_commits += 1;
+                            }
+                        }
+                    }
+                },
+            }
+            // Group commit: flush when the channel is drained or enough piled up;
+            // one flush at a time (the next group waits for the one in flight).
+            let Some(h) = handled else { continue };
+            let due = frames.is_empty() || unflushed_commits >= MAX_UNFLUSHED_COMMITS;
+            if !due {
+                continue;
+            }
+            if let Some((f, lsn)) = inflight.as_mut() {
+                if unflushed_commits < MAX_UNFLUSHED_COMMITS {
+                    continue;
+                }
+                // Too much piled up behind the flush in flight: wait for it.
+                f.await?;
+                let lsn = *lsn;
+                inflight = None;
+                if lsn > acked {
+                    acked = lsn;
+                    ack_tx.send_replace(acked);
+                    progress.send_modify(|p| p.acked = acked);
+                }
+            }
+            metrics::counter!(metric::CAPTURE_TRANSACTIONS_TOTAL).increment(asm.stored_txns);
+            metrics::counter!(metric::CAPTURE_CHANGES_TOTAL).increment(asm.stored_changes);
+            metrics::counter!(metric::CAPTURE_DUPLICATES_TOTAL).increment(asm.duplicates);
+            metrics::counter!(metric::CAPTURE_ECHOES_DROPPED_TOTAL, "direction" => cfg.direction.as_str())
+                .increment(asm.echoes);
+            asm.echoes = 0;
+            asm.stored_txns = 0;
+            asm.stored_changes = 0;
+            asm.duplicates = 0;
+            handled = None;
+            if unflushed_commits > 0 {
+                unflushed_commits = 0;
+                metrics::counter!(metric::CAPTURE_FLUSHES_TOTAL).increment(1);
+                match queue.flush_in_background() {
+                    Some(f) => {
+                        inflight = Some((f?, h));
+                        continue;
+                    }
+                    None => queue.flush().await?,
+                }
+            }
+            if h > acked {
+                acked = h;
+                ack_tx.send_replace(acked);
+                metrics::gauge!(metric::CAPTURE_ACKED_LSN).set(acked.0 as f64);
+                progress.send_modify(|p| p.acked = acked);
             }
         }
     }
     .await;
+
+    // A flush in flight finishes first; its position is acknowledged below with the rest.
+    if let Some((f, lsn)) = inflight.take() {
+        if f.await.is_ok() && result.is_ok() {
+            handled = Some(handled.map_or(lsn, |h| h.max(lsn)));
+        }
+    }
 
     // Whatever happened, drop half-written transactions and make the rest durable
     // before the final acknowledgement.

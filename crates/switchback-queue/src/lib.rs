@@ -70,6 +70,10 @@ impl switchback_core::Classify for QueueError {
 /// The records of a transaction, chunk by chunk.
 pub type RecordChunks<'a> = Box<dyn Iterator<Item = Result<Vec<Record>, QueueError>> + Send + 'a>;
 
+/// A flush running in the background (see [`QueueWriter::flush_in_background`]).
+pub type BackgroundFlush =
+    std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), QueueError>> + Send + 'static>>;
+
 /// Identifies a transaction that is being written and is not visible yet.
 pub type OpenId = u64;
 
@@ -109,6 +113,13 @@ pub trait QueueWriter {
     fn commit(&mut self, id: OpenId, header: TxnHeader) -> Result<u64, QueueError>;
     /// Waits until everything committed so far is durable.
     fn flush(&mut self) -> impl std::future::Future<Output = Result<(), QueueError>> + Send;
+    /// Starts a flush that runs while the writer goes on: the returned future
+    /// completes once everything committed before this call is durable (what
+    /// [`flush`](Self::flush) promises), whatever is committed meanwhile. `None`: this
+    /// queue cannot flush in the background (use `flush`).
+    fn flush_in_background(&mut self) -> Option<Result<BackgroundFlush, QueueError>> {
+        None
+    }
     /// End LSN of the last committed transaction.
     fn last_end_lsn(&self) -> Option<Lsn>;
     /// Tells an empty queue where the hub's stream starts (the slot's confirmed

@@ -1114,6 +1114,24 @@ impl QueueWriter for SledLog {
         Ok(())
     }
 
+    fn flush_in_background(&mut self) -> Option<Result<crate::BackgroundFlush, QueueError>> {
+        if let Err(e) = self.write_pending() {
+            return Some(Err(e));
+        }
+        // sled's flush makes every write issued before it durable.
+        let db = self.db.clone();
+        let path = self.path.display().to_string();
+        Some(Ok(Box::pin(async move {
+            db.flush_async()
+                .await
+                .map(|_| ())
+                .map_err(|e| QueueError::Storage {
+                    path,
+                    message: e.to_string(),
+                })
+        })))
+    }
+
     fn last_end_lsn(&self) -> Option<Lsn> {
         self.last_end
     }
