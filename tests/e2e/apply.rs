@@ -10,6 +10,7 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+use switchback_tests::{DropSlot, Timed};
 
 use serde_json::Value;
 use switchback_tests::{
@@ -94,33 +95,6 @@ fn bench_dbs(hub: &Cluster, member: &Cluster, prefix: &str, scale: u32) -> (Stri
 /// Drops the pipeline's slot on the hub when the test ends (however it ends), after
 /// its walsender has gone. Declare it before the `Spawned` processes so that they
 /// are killed first.
-struct DropSlot<'a> {
-    hub: &'a Cluster,
-    slot: String,
-}
-
-impl Drop for DropSlot<'_> {
-    fn drop(&mut self) {
-        // No panicking calls: this may run while a test unwinds.
-        let active = || {
-            self.hub
-                .try_psql(
-                    "postgres",
-                    &format!(
-                        "SELECT active FROM pg_replication_slots WHERE slot_name = {}",
-                        quote_literal(&self.slot)
-                    ),
-                )
-                .is_ok_and(|o| o.trim() == "t")
-        };
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while active() && Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        self.hub.drop_slot_if_inactive(&self.slot);
-    }
-}
-
 fn drop_slot_later<'a>(hub: &'a Cluster, pipe: &Pipeline) -> DropSlot<'a> {
     DropSlot {
         hub,
@@ -283,29 +257,6 @@ fn assert_no_conflicts(logs: &[PathBuf]) {
 }
 
 /// Prints how long a test took when it ends (passed or not).
-struct Timed(&'static str, Instant);
-
-impl Timed {
-    fn start(name: &'static str) -> Timed {
-        Timed(name, Instant::now())
-    }
-}
-
-impl Drop for Timed {
-    fn drop(&mut self) {
-        let how = if std::thread::panicking() {
-            "FAILED"
-        } else {
-            "passed"
-        };
-        eprintln!(
-            "TIMING {} {how} in {:.1} s",
-            self.0,
-            self.1.elapsed().as_secs_f64()
-        );
-    }
-}
-
 fn test_rng() -> fastrand::Rng {
     let seed = std::env::var("SWITCHBACK_TEST_SEED")
         .ok()

@@ -2,35 +2,13 @@
 //! `check`), one per acceptance point, against the shared hub and member clusters.
 
 use std::time::{Duration, Instant};
+use switchback_tests::Timed;
 
 use switchback_tests::{
     hub, member, quote_literal, unique, wait_until, Cluster, Pipeline, Spawned,
 };
 
 const MINUTE: Duration = Duration::from_secs(60);
-
-struct Timed(&'static str, Instant);
-
-impl Timed {
-    fn start(name: &'static str) -> Timed {
-        Timed(name, Instant::now())
-    }
-}
-
-impl Drop for Timed {
-    fn drop(&mut self) {
-        let how = if std::thread::panicking() {
-            "FAILED"
-        } else {
-            "passed"
-        };
-        eprintln!(
-            "TIMING {} {how} in {:.1} s",
-            self.0,
-            self.1.elapsed().as_secs_f64()
-        );
-    }
-}
 
 /// Drops the pipeline's slot and publications on the hub when the test ends.
 struct Cleanup {

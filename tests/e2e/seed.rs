@@ -5,11 +5,12 @@
 //! kept; `--create-schema`; a large table split into ctid ranges across jobs.
 
 use std::time::{Duration, Instant};
+use switchback_tests::{DropSlot, Timed};
 
 use serde_json::Value;
 use switchback_tests::seed::Holder;
 use switchback_tests::{
-    by_scale, hub, member, quote_literal, wait_for, wait_until, Cluster, Lsn, Pipeline, Spawned,
+    by_scale, hub, member, wait_for, wait_until, Cluster, Lsn, Pipeline, Spawned,
 };
 
 const MINUTE: Duration = Duration::from_secs(60);
@@ -73,49 +74,6 @@ fn assert_tables_equal(
 }
 
 /// Drops the pipeline's slot when the test ends, once no walsender holds it.
-struct DropSlot<'a> {
-    hub: &'a Cluster,
-    slot: String,
-}
-
-impl Drop for DropSlot<'_> {
-    fn drop(&mut self) {
-        let active = || {
-            self.hub
-                .try_psql(
-                    "postgres",
-                    &format!(
-                        "SELECT active FROM pg_replication_slots WHERE slot_name = {}",
-                        quote_literal(&self.slot)
-                    ),
-                )
-                .is_ok_and(|o| o.trim() == "t")
-        };
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while active() && Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        self.hub.drop_slot_if_inactive(&self.slot);
-    }
-}
-
-struct Timed(&'static str, Instant);
-
-impl Drop for Timed {
-    fn drop(&mut self) {
-        let how = if std::thread::panicking() {
-            "FAILED"
-        } else {
-            "passed"
-        };
-        eprintln!(
-            "TIMING {} {how} in {:.1} s",
-            self.0,
-            self.1.elapsed().as_secs_f64()
-        );
-    }
-}
-
 /// Runs `switchback seed <args>` to its end; asserts success; returns its log.
 fn seed_ok(pipe: &Pipeline, args: &[&str]) -> String {
     let mut all = vec!["seed"];

@@ -1443,3 +1443,58 @@ pub fn assert_dump_order(txns: &[DumpTxn]) {
 
 pub mod kafka;
 pub use kafka::{kafka_broker, Broker};
+
+/// Prints how long a test took (and whether it failed) when dropped: `TIMING name
+/// passed in 12.3 s` in the test's output.
+pub struct Timed(pub &'static str, pub Instant);
+
+impl Timed {
+    pub fn start(name: &'static str) -> Timed {
+        Timed(name, Instant::now())
+    }
+}
+
+impl Drop for Timed {
+    fn drop(&mut self) {
+        let how = if std::thread::panicking() {
+            "FAILED"
+        } else {
+            "passed"
+        };
+        eprintln!(
+            "TIMING {} {how} in {:.1} s",
+            self.0,
+            self.1.elapsed().as_secs_f64()
+        );
+    }
+}
+
+/// Drops a test's replication slot at the end of the test (after its process let
+/// go of it), so the shared hub does not keep WAL for it.
+pub struct DropSlot<'a> {
+    pub hub: &'a Cluster,
+    pub slot: String,
+}
+
+impl Drop for DropSlot<'_> {
+    fn drop(&mut self) {
+        // No panicking calls: this may run while a test unwinds.
+        let active = || {
+            self.hub
+                .try_psql(
+                    "postgres",
+                    &format!(
+                        "SELECT active FROM pg_replication_slots WHERE slot_name = {}",
+                        quote_literal(&self.slot)
+                    ),
+                )
+                .is_ok_and(|o| o.trim() == "t")
+        };
+        // Polled: the slot's holder exits on its own schedule.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while active() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        self.hub.drop_slot_if_inactive(&self.slot);
+    }
+}

@@ -44,23 +44,12 @@ pub async fn prepare_with(cfg: &Config, create_slot: bool) -> Result<Plan, Captu
         // Hub-wins needs the member's whole old rows to see whether the hub changed
         // the row meanwhile (see switchback-apply `plan_hub_wins_reverse`).
         for t in tables.iter_mut().filter(|t| t.replica_identity != 'f') {
-            session
-                .client
-                .batch_execute(&format!(
-                    "ALTER TABLE {} REPLICA IDENTITY FULL",
-                    t.qualified()
-                ))
-                .await
-                .map_err(|e| {
-                    PgError::Setup(format!(
-                        "{}: active-active needs REPLICA IDENTITY FULL on {}: {}",
-                        session.endpoint,
-                        t.display(),
-                        switchback_pg::error::describe_sql_error(&e)
-                    ))
-                })?;
-            tracing::info!(table = %t.display(), "set REPLICA IDENTITY FULL (active-active: conflicts are detected on whole old rows)");
-            t.replica_identity = 'f';
+            identity_full(
+                &session,
+                t,
+                "active-active needs it: conflicts are detected on whole old rows",
+            )
+            .await?;
         }
     }
 
@@ -84,23 +73,7 @@ pub async fn prepare_with(cfg: &Config, create_slot: bool) -> Result<Plan, Captu
                     ops.retain(|o| matches!(o, Operation::Insert | Operation::Truncate))
                 }
                 NoKeyPolicy::ReplicaIdentityFull => {
-                    session
-                        .client
-                        .batch_execute(&format!(
-                            "ALTER TABLE {} REPLICA IDENTITY FULL",
-                            t.qualified()
-                        ))
-                        .await
-                        .map_err(|e| {
-                            PgError::Setup(format!(
-                                "{}: cannot set REPLICA IDENTITY FULL on {}: {}",
-                                session.endpoint,
-                                t.display(),
-                                switchback_pg::error::describe_sql_error(&e)
-                            ))
-                        })?;
-                    tracing::info!(table = %t.display(), "set REPLICA IDENTITY FULL (table has no primary key)");
-                    t.replica_identity = 'f';
+                    identity_full(&session, &mut t, "the table has no primary key").await?
                 }
             }
         }
@@ -219,6 +192,29 @@ fn publication_for(main: &str, ops: &[Operation]) -> String {
     }
     let letters: String = ops.iter().map(|o| &o.as_str()[..1]).collect();
     format!("{main}_{letters}")
+}
+
+/// `ALTER TABLE … REPLICA IDENTITY FULL` on a hub table; `why` goes to the log and
+/// to the error.
+async fn identity_full(session: &hub::Session, t: &mut HubTable, why: &str) -> Result<(), PgError> {
+    session
+        .client
+        .batch_execute(&format!(
+            "ALTER TABLE {} REPLICA IDENTITY FULL",
+            t.qualified()
+        ))
+        .await
+        .map_err(|e| {
+            PgError::Setup(format!(
+                "{}: cannot set REPLICA IDENTITY FULL on {} ({why}): {}",
+                session.endpoint,
+                t.display(),
+                switchback_pg::error::describe_sql_error(&e)
+            ))
+        })?;
+    tracing::info!(table = %t.display(), why, "set REPLICA IDENTITY FULL");
+    t.replica_identity = 'f';
+    Ok(())
 }
 
 #[cfg(test)]

@@ -78,15 +78,7 @@ pub fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, FormatError> {
     if version != FORMAT_VERSION {
         return Err(FormatError::Version { found: version });
     }
-    let (value, used) = bincode::serde::decode_from_slice(body, config())
-        .map_err(|e| FormatError::Decode(e.to_string()))?;
-    if used != body.len() {
-        return Err(FormatError::Decode(format!(
-            "{} trailing bytes",
-            body.len() - used
-        )));
-    }
-    Ok(value)
+    decode_element(body)
 }
 
 #[cfg(test)]
