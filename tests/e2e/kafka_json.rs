@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
 use serde_json::{json, Value};
-use switchback_tests::{hub, kafka_broker, member, wait_until, Pipeline};
+use switchback_tests::{hub, kafka_broker, member, wait_for, wait_until, Pipeline};
 
 const SETUP: &str = "CREATE TABLE items (id int PRIMARY KEY, name text, qty int);
      CREATE TABLE docs (id int PRIMARY KEY, body text, tag text);
@@ -56,6 +56,36 @@ fn read_topic(brokers: &str, topic: &str, enough: impl Fn(&[Value]) -> bool) -> 
         }
     }
     got
+}
+
+/// The published schema, compiled (and itself checked against the meta-schema).
+fn schema_validator() -> jsonschema::Validator {
+    let schema: Value = serde_json::from_str(
+        &std::fs::read_to_string(
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("schemas/change-record.schema.json"),
+        )
+        .expect("read the schema"),
+    )
+    .expect("the schema is JSON");
+    assert!(
+        jsonschema::meta::is_valid(&schema),
+        "the schema is not a valid JSON Schema"
+    );
+    jsonschema::draft202012::new(&schema).expect("compile the schema")
+}
+
+fn assert_valid(validator: &jsonschema::Validator, records: &[Value]) {
+    for (i, r) in records.iter().enumerate() {
+        let errors: Vec<String> = validator
+            .iter_errors(r)
+            .map(|e| format!("{} at {}", e, e.instance_path()))
+            .collect();
+        assert!(
+            errors.is_empty(),
+            "record {i} does not match the schema: {errors:?}"
+        );
+    }
 }
 
 fn ins(table: &str, new: Value) -> Value {
@@ -144,29 +174,8 @@ fn kafka_json_records_match_schema() {
     let records = read_topic(&broker.addr(), &topic, |got| got.len() >= steps.len());
 
     // Every record validates against the published schema.
-    let schema: Value = serde_json::from_str(
-        &std::fs::read_to_string(
-            std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-                .join("schemas/change-record.schema.json"),
-        )
-        .expect("read the schema"),
-    )
-    .expect("the schema is JSON");
-    assert!(
-        jsonschema::meta::is_valid(&schema),
-        "the schema is not a valid JSON Schema"
-    );
-    let validator = jsonschema::draft202012::new(&schema).expect("compile the schema");
-    for (i, r) in records.iter().enumerate() {
-        let errors: Vec<String> = validator
-            .iter_errors(r)
-            .map(|e| format!("{} at {}", e, e.instance_path()))
-            .collect();
-        assert!(
-            errors.is_empty(),
-            "record {i} does not match the schema: {errors:?}"
-        );
-    }
+    let validator = schema_validator();
+    assert_valid(&validator, &records);
     // The schema is not vacuous: a record with a change missing its table fails.
     let mut bad = records[0].clone();
     bad["changes"][0].as_object_mut().unwrap().remove("table");
@@ -239,4 +248,84 @@ fn kafka_json_records_match_schema() {
         hub().slot(&slot).is_some_and(|s| !s.active)
     });
     hub().drop_slot_if_inactive(&slot);
+}
+
+/// A transaction larger than a message is split into parts that concatenate to
+/// its changes; a single change larger than a message stops capture with an
+/// error naming the table and the fix (and no value).
+#[test]
+fn kafka_json_split_and_too_large() {
+    let broker = kafka_broker();
+    let hdb = hub().create_db("kjsonsplit");
+    hub().psql(&hdb, SETUP);
+    // 64 KiB messages: 48 KiB of JSON per message.
+    let pipe = Pipeline::capture_only(
+        "kjsonsplit",
+        hub(),
+        &hdb,
+        &format!(
+            "format = \"json\"\n{}\"message.max.bytes\" = \"65536\"\n",
+            broker.queue_toml()
+        ),
+    );
+    let mut capture = pipe.start_capture(hub());
+    hub().psql(
+        &hdb,
+        "INSERT INTO items SELECT i, repeat('n', 1000), i FROM generate_series(1, 120) i;",
+    );
+    let topic = format!("switchback_{}_hub_to_member_json", pipe.name());
+    let records = read_topic(&broker.addr(), &topic, |got| {
+        got.last()
+            .is_some_and(|r| r["part"].as_u64().unwrap() + 1 == r["parts"].as_u64().unwrap())
+    });
+    assert_valid(&schema_validator(), &records);
+    let parts = records.len();
+    assert!(
+        parts >= 3,
+        "120 KiB of changes in {parts} messages of 48 KiB"
+    );
+    let mut ids = Vec::new();
+    for (i, r) in records.iter().enumerate() {
+        assert!(
+            r.to_string().len() <= 65536 - 16 * 1024,
+            "part {i} is larger than a message"
+        );
+        assert_eq!(r["part"], i, "parts in order");
+        assert_eq!(r["parts"], parts);
+        for k in ["seq", "xid", "commit_lsn", "end_lsn", "prev_end_lsn"] {
+            assert_eq!(r[k], records[0][k], "part {i}: {k} is the transaction's");
+        }
+        for c in r["changes"].as_array().unwrap() {
+            assert_eq!(c["op"], "insert");
+            ids.push(c["new"]["id"].as_str().unwrap().parse::<u32>().unwrap());
+        }
+    }
+    assert_eq!(
+        ids,
+        (1..=120).collect::<Vec<u32>>(),
+        "every change once, in order"
+    );
+
+    // One value of ~64 KB cannot be one JSON message of 48 KiB.
+    hub().psql(
+        &hdb,
+        "INSERT INTO docs SELECT 1, string_agg(md5(i::text), '') FROM generate_series(1, 2000) i;",
+    );
+    let status = wait_for(
+        Duration::from_secs(60),
+        "capture to stop on a JSON record too large",
+        || capture.try_wait(),
+    );
+    assert!(!status.success(), "capture exited with success");
+    let log = capture.log_text();
+    assert!(
+        log.contains("public.docs") && log.contains("message.max.bytes"),
+        "the error names neither the table nor the fix:\n{}",
+        capture.log_tail(20)
+    );
+    // md5('1'): the start of the value.
+    assert!(
+        !log.contains("c4ca4238a0b923820dcc509a6f75849b"),
+        "capture logged the value"
+    );
 }

@@ -271,6 +271,32 @@ struct JsonOut {
     rels: RelationSet,
 }
 
+/// The error for a change whose JSON does not fit in a message (names the table,
+/// never the values).
+fn json_too_large(opts: &KafkaOptions, changes: &[(u32, String)], limit: usize) -> QueueError {
+    let (_, big) = changes
+        .iter()
+        .max_by_key(|(_, c)| c.len())
+        .expect("a message too large holds a change");
+    let what = serde_json::from_str::<serde_json::Value>(big)
+        .ok()
+        .map(|v| match (v["schema"].as_str(), v["table"].as_str()) {
+            (Some(s), Some(t)) => format!("a change of table {s}.{t}"),
+            _ => format!("a {} change", v["op"].as_str().unwrap_or("?")),
+        })
+        .unwrap_or_else(|| "a change".into());
+    opts.err(
+        "cannot produce a JSON record",
+        format!(
+            "{what} is {} bytes as JSON, more than fits in one message ({limit} bytes: \
+             message.max.bytes less 16 KiB); raise \"message.max.bytes\" in [queue.kafka] \
+             (and the broker's limit for topic {}), or remove format = \"json\"",
+            big.len(),
+            opts.json_topic.as_deref().unwrap_or_default()
+        ),
+    )
+}
+
 /// Builds the JSON messages of one committed transaction: the header with
 /// `prev_end_lsn`, `part`, `parts` and a slice of `changes`, each message at most
 /// `max` bytes (one change larger than that is a message of its own).
@@ -588,7 +614,11 @@ impl QueueWriter for KafkaWriter {
         let end = header.end_lsn;
         let prev_end_lsn = self.last_end.or(self.start);
         if let Some(topic) = self.json.as_ref().map(|j| j.topic.clone()) {
-            for m in json_messages(seq, prev_end_lsn, &header, &t.json, self.part_bytes) {
+            let msgs = json_messages(seq, prev_end_lsn, &header, &t.json, self.part_bytes);
+            if msgs.iter().any(|m| m.len() > self.part_bytes) {
+                return Err(json_too_large(&self.opts, &t.json, self.part_bytes));
+            }
+            for m in msgs {
                 self.send_to(&topic, m.as_bytes())?;
             }
         }
