@@ -6,6 +6,7 @@ mod apply;
 mod capture;
 mod cutover;
 mod kafka;
+mod kafka_json;
 mod mapping;
 mod queue_conformance;
 mod seed;

@@ -107,6 +107,7 @@ impl Kafka {
                 properties: switchback_tests::kafka::tansu_properties(),
                 replication_factor: 1,
                 reader_memory_bytes: 64 << 20,
+                json_topic: None,
             },
         }
     }

@@ -126,6 +126,7 @@ pub fn kafka_options(cfg: &Config) -> anyhow::Result<KafkaOptions> {
         properties: cfg.queue.kafka_properties()?,
         replication_factor: cfg.queue.replication_factor,
         reader_memory_bytes: cfg.queue.reader_memory_bytes,
+        json_topic: cfg.kafka_json_topic(),
     })
 }
 

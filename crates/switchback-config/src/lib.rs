@@ -278,6 +278,21 @@ pub struct Queue {
     /// from a file (secrets stay out of the config file).
     #[serde(default)]
     pub kafka: std::collections::BTreeMap<String, String>,
+    /// Kafka: `"json"` also produces every committed transaction as JSON to the
+    /// topic `<topic>_json`, for consumers other than switchback (apply keeps
+    /// reading the bincode topic). Default `"bincode"`: the bincode topic only.
+    #[serde(default)]
+    pub format: QueueFormat,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum QueueFormat {
+    /// The bincode topic only.
+    #[default]
+    Bincode,
+    /// The bincode topic, and a JSON copy in `<topic>_json`.
+    Json,
 }
 
 fn default_replication_factor() -> i32 {
@@ -704,6 +719,11 @@ impl Config {
                 "[cutover] sequence_margin and max_lag_bytes must not be negative".into(),
             ));
         }
+        if self.queue.format == QueueFormat::Json && self.queue.kind != QueueKind::Kafka {
+            return Err(ConfigError::Invalid(
+                "[queue] format = \"json\" needs kind = \"kafka\" (JSON records go to the topic <topic>_json); remove format or set kind = \"kafka\"".into(),
+            ));
+        }
         if self.queue.kind == QueueKind::Kafka && self.queue.brokers.is_none() {
             return Err(ConfigError::Invalid(
                 "[queue] kind = \"kafka\" needs brokers = \"host:port,...\"".into(),
@@ -736,6 +756,12 @@ impl Config {
                 format!("switchback_{}_member_to_hub", self.pipeline.name)
             }
         }
+    }
+
+    /// Kafka topic of this direction's JSON records (`format = "json"`):
+    /// `<topic>_json`; `None` with the default format.
+    pub fn kafka_json_topic(&self) -> Option<String> {
+        (self.queue.format == QueueFormat::Json).then(|| format!("{}_json", self.kafka_topic()))
     }
 
     /// Kafka consumer group of this direction's apply.
@@ -989,6 +1015,27 @@ mod tests {
         assert!(p.contains(&("sasl.password".into(), "s3cret".into())));
         let no_brokers = MIN.replace("path = \"/tmp/q\"", "path = \"/tmp/q\"\nkind = \"kafka\"");
         assert!(Config::parse(&no_brokers, Path::new("x.toml")).is_err());
+    }
+
+    #[test]
+    fn queue_format() {
+        let c = Config::parse(MIN, Path::new("x.toml")).unwrap();
+        assert_eq!(c.queue.format, QueueFormat::Bincode);
+        assert_eq!(c.kafka_json_topic(), None);
+        let k = MIN.replace(
+            "path = \"/tmp/q\"",
+            "path = \"/tmp/q\"\nkind = \"kafka\"\nbrokers = \"b:9092\"\nformat = \"json\"",
+        );
+        let c = Config::parse(&k, Path::new("x.toml")).unwrap();
+        assert_eq!(
+            c.kafka_json_topic().as_deref(),
+            Some("switchback_p1_hub_to_member_json")
+        );
+        let sled = MIN.replace("path = \"/tmp/q\"", "path = \"/tmp/q\"\nformat = \"json\"");
+        let e = Config::parse(&sled, Path::new("x.toml")).unwrap_err();
+        assert!(e.to_string().contains("needs kind = \"kafka\""), "{e}");
+        let bad = MIN.replace("path = \"/tmp/q\"", "path = \"/tmp/q\"\nformat = \"avro\"");
+        assert!(Config::parse(&bad, Path::new("x.toml")).is_err());
     }
 
     #[test]

@@ -55,7 +55,7 @@ use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord};
 use rdkafka::{Message, Offset, TopicPartitionList};
 use serde::{Deserialize, Serialize};
-use switchback_core::{record, Lsn, Record, TxnHeader};
+use switchback_core::{record, Lsn, Record, RelationSet, TxnHeader};
 use switchback_queue::{
     Continuity, Depth, OpenId, QueueError, QueueReader, QueueWriter, QueuedTxn, RecordChunks,
 };
@@ -84,6 +84,9 @@ pub struct KafkaOptions {
     pub replication_factor: i32,
     /// Bytes of chunk data a reader keeps in memory; beyond, only offsets.
     pub reader_memory_bytes: usize,
+    /// `[queue] format = "json"`: the writer also produces every committed
+    /// transaction as JSON to this topic (see `schemas/record-format.md`).
+    pub json_topic: Option<String>,
 }
 
 impl KafkaOptions {
@@ -132,17 +135,22 @@ impl KafkaOptions {
         }
     }
 
-    /// Creates the topic (one partition) unless it exists.
+    /// Creates the topic (and the JSON topic when configured; one partition
+    /// each) unless they exist.
     pub async fn ensure_topic(&self) -> Result<(), QueueError> {
+        self.ensure_named_topic(&self.topic).await?;
+        if let Some(t) = &self.json_topic {
+            self.ensure_named_topic(t).await?;
+        }
+        Ok(())
+    }
+
+    async fn ensure_named_topic(&self, name: &str) -> Result<(), QueueError> {
         let admin: AdminClient<DefaultClientContext> = self
             .client_config()
             .create()
             .map_err(|e| self.err("cannot create an admin client", e))?;
-        let topic = NewTopic::new(
-            &self.topic,
-            1,
-            TopicReplication::Fixed(self.replication_factor),
-        );
+        let topic = NewTopic::new(name, 1, TopicReplication::Fixed(self.replication_factor));
         let opts = AdminOptions::new().operation_timeout(Some(REQUEST_TIMEOUT));
         let res = admin
             .create_topics([&topic], &opts)
@@ -150,7 +158,7 @@ impl KafkaOptions {
             .map_err(|e| self.err("cannot create the topic", e))?;
         for r in res {
             match r {
-                Ok(_) => tracing::info!(topic = %self.topic, "created kafka topic"),
+                Ok(_) => tracing::info!(topic = %name, "created kafka topic"),
                 Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
                 Err((_, code)) => {
                     return Err(self.err(
@@ -250,6 +258,93 @@ fn fastrand_u64() -> u64 {
 struct WOpen {
     /// Per sub-transaction: chunks, records, bytes stored.
     subx: HashMap<u32, (u32, u64, u64)>,
+    /// `format = "json"`: the JSON of the changes appended so far, with their
+    /// sub-transaction (dropped with it).
+    json: Vec<(u32, String)>,
+}
+
+/// The JSON side of a writer (`format = "json"`).
+struct JsonOut {
+    topic: String,
+    /// Relations seen, to name tables and columns (a transaction's records are
+    /// self-contained, so this only grows).
+    rels: RelationSet,
+}
+
+/// The error for a change whose JSON does not fit in a message (names the table,
+/// never the values).
+fn json_too_large(opts: &KafkaOptions, changes: &[(u32, String)], limit: usize) -> QueueError {
+    let (_, big) = changes
+        .iter()
+        .max_by_key(|(_, c)| c.len())
+        .expect("a message too large holds a change");
+    let what = serde_json::from_str::<serde_json::Value>(big)
+        .ok()
+        .map(|v| match (v["schema"].as_str(), v["table"].as_str()) {
+            (Some(s), Some(t)) => format!("a change of table {s}.{t}"),
+            _ => format!("a {} change", v["op"].as_str().unwrap_or("?")),
+        })
+        .unwrap_or_else(|| "a change".into());
+    opts.err(
+        "cannot produce a JSON record",
+        format!(
+            "{what} is {} bytes as JSON, more than fits in one message ({limit} bytes: \
+             message.max.bytes less 16 KiB); raise \"message.max.bytes\" in [queue.kafka] \
+             (and the broker's limit for topic {}), or remove format = \"json\"",
+            big.len(),
+            opts.json_topic.as_deref().unwrap_or_default()
+        ),
+    )
+}
+
+/// Builds the JSON messages of one committed transaction: the header with
+/// `prev_end_lsn`, `part`, `parts` and a slice of `changes`, each message at most
+/// `max` bytes (one change larger than that is a message of its own).
+fn json_messages(
+    seq: u64,
+    prev_end_lsn: Option<Lsn>,
+    header: &TxnHeader,
+    changes: &[(u32, String)],
+    max: usize,
+) -> Vec<String> {
+    let mut head = switchback_core::json::header_json(seq, header);
+    head.insert(
+        "prev_end_lsn".into(),
+        prev_end_lsn.map_or(serde_json::Value::Null, |l| l.to_string().into()),
+    );
+    // Reserve room for part numbers and the closing brackets.
+    let head_len = serde_json::to_string(&head).map_or(256, |h| h.len()) + 64;
+    let mut groups: Vec<Vec<&str>> = vec![Vec::new()];
+    let mut size = head_len;
+    for (_, c) in changes {
+        let last = groups.last_mut().expect("never empty");
+        if !last.is_empty() && size + c.len() + 1 > max {
+            groups.push(vec![c.as_str()]);
+            size = head_len + c.len() + 1;
+        } else {
+            last.push(c.as_str());
+            size += c.len() + 1;
+        }
+    }
+    let parts = groups.len();
+    groups
+        .into_iter()
+        .enumerate()
+        .map(|(i, g)| {
+            let mut h = head.clone();
+            h.insert("part".into(), i.into());
+            h.insert("parts".into(), parts.into());
+            let h = serde_json::to_string(&h).expect("a map of strings and numbers");
+            // `h` ends with `}`: splice the changes in as the last key.
+            let mut out =
+                String::with_capacity(h.len() + g.iter().map(|c| c.len() + 1).sum::<usize>() + 16);
+            out.push_str(&h[..h.len() - 1]);
+            out.push_str(",\"changes\":[");
+            out.push_str(&g.join(","));
+            out.push_str("]}");
+            out
+        })
+        .collect()
 }
 
 /// The capture side: an idempotent producer.
@@ -266,6 +361,7 @@ pub struct KafkaWriter {
     last_end: Option<Lsn>,
     start: Option<Lsn>,
     part_bytes: usize,
+    json: Option<JsonOut>,
 }
 
 impl KafkaWriter {
@@ -302,6 +398,10 @@ impl KafkaWriter {
         tracing::info!(topic = %opts.topic, next_seq, last_end = ?last_end.map(|l| l.to_string()), "kafka queue writer ready");
         Ok(KafkaWriter {
             part_bytes: opts.part_bytes(),
+            json: opts.json_topic.clone().map(|topic| JsonOut {
+                topic,
+                rels: RelationSet::default(),
+            }),
             opts,
             producer,
             writer: writer_id(),
@@ -338,9 +438,14 @@ impl KafkaWriter {
     }
 
     fn send(&mut self, payload: &[u8]) -> Result<(), QueueError> {
+        let topic = self.opts.topic.clone();
+        self.send_to(&topic, payload)
+    }
+
+    fn send_to(&mut self, topic: &str, payload: &[u8]) -> Result<(), QueueError> {
         let mut backoff = Duration::from_millis(1);
         loop {
-            let rec = FutureRecord::<(), [u8]>::to(&self.opts.topic)
+            let rec = FutureRecord::<(), [u8]>::to(topic)
                 .partition(PARTITION)
                 .payload(payload);
             match self.producer.send_result(rec) {
@@ -419,6 +524,7 @@ impl QueueWriter for KafkaWriter {
             id,
             WOpen {
                 subx: HashMap::new(),
+                json: Vec::new(),
             },
         );
         id
@@ -451,6 +557,13 @@ impl QueueWriter for KafkaWriter {
         e.0 += 1;
         e.1 += records.len() as u64;
         e.2 += body.len() as u64;
+        if let Some(j) = &mut self.json {
+            for r in records {
+                if let Some(c) = switchback_core::json::change_json(&mut j.rels, r.clone()) {
+                    t.json.push((subxid, c.to_string()));
+                }
+            }
+        }
         Ok(())
     }
 
@@ -470,6 +583,7 @@ impl QueueWriter for KafkaWriter {
         if t.subx.remove(&subxid).is_none() {
             return Ok(());
         }
+        t.json.retain(|(s, _)| *s != subxid);
         self.push(
             &Head::DiscardSubxact {
                 writer: self.writer,
@@ -498,12 +612,22 @@ impl QueueWriter for KafkaWriter {
         header.bytes = bytes;
         let seq = self.next_seq;
         let end = header.end_lsn;
+        let prev_end_lsn = self.last_end.or(self.start);
+        if let Some(topic) = self.json.as_ref().map(|j| j.topic.clone()) {
+            let msgs = json_messages(seq, prev_end_lsn, &header, &t.json, self.part_bytes);
+            if msgs.iter().any(|m| m.len() > self.part_bytes) {
+                return Err(json_too_large(&self.opts, &t.json, self.part_bytes));
+            }
+            for m in msgs {
+                self.send_to(&topic, m.as_bytes())?;
+            }
+        }
         self.push(
             &Head::Commit {
                 writer: self.writer,
                 open: id,
                 seq,
-                prev_end_lsn: self.last_end.or(self.start),
+                prev_end_lsn,
                 chunks,
                 header,
             },
@@ -1130,5 +1254,60 @@ mod tests {
         assert!(got[1].1.is_empty());
         let cut: Vec<_> = unframe(&f[..f.len() - 1]).collect();
         assert!(cut[1].is_err());
+    }
+
+    #[test]
+    fn json_messages_split_and_parse() {
+        let header = TxnHeader {
+            xid: 9,
+            commit_lsn: Lsn(0x10),
+            end_lsn: Lsn(0x20),
+            commit_time: 0,
+            origin: None,
+            records: 0,
+            bytes: 0,
+        };
+        let changes: Vec<(u32, String)> = (0..10)
+            .map(|i| {
+                (
+                    0,
+                    format!(
+                        "{{\"op\":\"message\",\"prefix\":\"p\",\"content\":\"{}\"}}",
+                        "x".repeat(100 + i)
+                    ),
+                )
+            })
+            .collect();
+        let one = json_messages(3, Some(Lsn(0x8)), &header, &changes, 1 << 20);
+        assert_eq!(one.len(), 1);
+        let v: serde_json::Value = serde_json::from_str(&one[0]).unwrap();
+        assert_eq!(v["seq"], 3);
+        assert_eq!(v["prev_end_lsn"], "0/8");
+        assert_eq!(
+            (v["part"].clone(), v["parts"].clone()),
+            (0.into(), 1.into())
+        );
+        assert_eq!(v["changes"].as_array().unwrap().len(), 10);
+        // Small messages: several parts, every change once, in order.
+        let many = json_messages(3, None, &header, &changes, 600);
+        assert!(many.len() > 2, "{}", many.len());
+        let mut seen = Vec::new();
+        for (i, m) in many.iter().enumerate() {
+            assert!(m.len() <= 600, "part {i} is {} bytes", m.len());
+            let v: serde_json::Value = serde_json::from_str(m).unwrap();
+            assert_eq!(v["part"], i);
+            assert_eq!(v["parts"], many.len());
+            assert_eq!(v["prev_end_lsn"], serde_json::Value::Null);
+            seen.extend(v["changes"].as_array().unwrap().iter().cloned());
+        }
+        let all: Vec<serde_json::Value> = changes
+            .iter()
+            .map(|(_, c)| serde_json::from_str(c).unwrap())
+            .collect();
+        assert_eq!(seen, all);
+        // No changes (a transaction of filtered records only): one empty part.
+        let empty = json_messages(4, None, &header, &[], 600);
+        assert_eq!(empty.len(), 1);
+        assert!(empty[0].ends_with(",\"changes\":[]}"), "{}", empty[0]);
     }
 }
