@@ -336,14 +336,30 @@ fn reopen(dir: &std::path::Path) -> SledLog {
     }
 }
 
-fn tempdir() -> std::path::PathBuf {
+/// A scratch directory removed when dropped (a sled log takes hundreds of MB).
+struct TempDir(std::path::PathBuf);
+
+impl std::ops::Deref for TempDir {
+    type Target = std::path::Path;
+    fn deref(&self) -> &std::path::Path {
+        &self.0
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn tempdir() -> TempDir {
     let p = std::env::temp_dir().join(format!(
         "switchback-queue-test-{}-{}",
         std::process::id(),
         fastrand::u64(..)
     ));
     std::fs::create_dir_all(&p).unwrap();
-    p
+    TempDir(p)
 }
 
 /// A tiny executor for the log's async flush in synchronous tests.
