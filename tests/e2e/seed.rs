@@ -740,16 +740,21 @@ fn seed_kill9_mid_split_table_recopies_it() {
         "two ranges of big committed, the others waiting",
         || {
             seed.assert_running();
+            // At least two ranges committed (two jobs can both pass the trigger's
+            // check before either commit is visible), some left, and both jobs
+            // waiting on this database's lock.
             member
-            .try_psql(
-                &mdb,
-                "SELECT state || ' ' || chunks_done || '/' || chunks_total FROM switchback.seed_tables",
-            )
-            .is_ok_and(|v| v.starts_with("copying 2/"))
-            && member.query_value(
-                "postgres",
-                "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted",
-            ) == "2"
+                .try_psql(
+                    &mdb,
+                    "SELECT state = 'copying' AND chunks_done >= 2 AND chunks_done < chunks_total \
+                     FROM switchback.seed_tables WHERE table_name = 'big'",
+                )
+                .is_ok_and(|v| v.trim() == "t")
+                && member.query_value(
+                    &mdb,
+                    "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted \
+                     AND database = (SELECT oid FROM pg_database WHERE datname = current_database())",
+                ) == "2"
         },
     );
     seed.kill9();
