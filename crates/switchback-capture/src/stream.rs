@@ -35,6 +35,22 @@ enum Frame {
 /// Commits between two forced flushes under continuous load.
 const MAX_UNFLUSHED_COMMITS: usize = 2000;
 
+/// Acknowledges the hub up to `to` once everything stored up to it is durable: the
+/// status task reports it, and progress and the metric follow. Never moves back.
+fn advance_ack(
+    acked: &mut Lsn,
+    to: Lsn,
+    ack_tx: &watch::Sender<Lsn>,
+    progress: &watch::Sender<CaptureProgress>,
+) {
+    if to > *acked {
+        *acked = to;
+        ack_tx.send_replace(to);
+        metrics::gauge!(metric::CAPTURE_ACKED_LSN).set(to.0 as f64);
+        progress.send_modify(|p| p.acked = to);
+    }
+}
+
 pub async fn session<Q: QueueWriter + Send>(
     cfg: &Config,
     plan: &Plan,
@@ -209,12 +225,7 @@ pub async fn session<Q: QueueWriter + Send>(
                 Event::Flushed(r) => {
                     r?;
                     let (_, lsn) = inflight.take().expect("a flush was in flight");
-                    if lsn > acked {
-                        acked = lsn;
-                        ack_tx.send_replace(acked);
-                        metrics::gauge!(metric::CAPTURE_ACKED_LSN).set(acked.0 as f64);
-                        progress.send_modify(|p| p.acked = acked);
-                    }
+                    advance_ack(&mut acked, lsn, &ack_tx, progress);
                 }
                 Event::Frame(None) => {
                     if *shutdown.borrow() {
@@ -274,11 +285,7 @@ pub async fn session<Q: QueueWriter + Send>(
                 f.await?;
                 let lsn = *lsn;
                 inflight = None;
-                if lsn > acked {
-                    acked = lsn;
-                    ack_tx.send_replace(acked);
-                    progress.send_modify(|p| p.acked = acked);
-                }
+                advance_ack(&mut acked, lsn, &ack_tx, progress);
             }
             metrics::counter!(metric::CAPTURE_TRANSACTIONS_TOTAL).increment(asm.stored_txns);
             metrics::counter!(metric::CAPTURE_CHANGES_TOTAL).increment(asm.stored_changes);
@@ -301,12 +308,7 @@ pub async fn session<Q: QueueWriter + Send>(
                     None => queue.flush().await?,
                 }
             }
-            if h > acked {
-                acked = h;
-                ack_tx.send_replace(acked);
-                metrics::gauge!(metric::CAPTURE_ACKED_LSN).set(acked.0 as f64);
-                progress.send_modify(|p| p.acked = acked);
-            }
+            advance_ack(&mut acked, h, &ack_tx, progress);
         }
     }
     .await;
