@@ -86,21 +86,7 @@ pub async fn fence(cfg: &Config, side: Side, s: &Session) -> Result<(), CutoverE
             tracing::info!(side = side.as_str(), database = %db, ended_sessions = n, "fenced: database read-only for applications");
         }
         FenceKind::RevokeConnect => {
-            let db = database(s).await?;
-            let roles: Vec<String> = cfg
-                .cutover
-                .fence_roles
-                .iter()
-                .map(|r| quote_ident(r))
-                .collect();
-            s.client
-                .batch_execute(&format!(
-                    "REVOKE CONNECT ON DATABASE {} FROM {}",
-                    quote_ident(&db),
-                    roles.join(", ")
-                ))
-                .await
-                .map_err(|e| s.err(e))?;
+            let db = connect_privilege(s, cfg, false).await?;
             let n = end_sessions(s, Some(&cfg.cutover.fence_roles)).await?;
             tracing::info!(side = side.as_str(), database = %db, ended_sessions = n, "fenced: CONNECT revoked from the application roles");
         }
@@ -111,6 +97,32 @@ pub async fn fence(cfg: &Config, side: Side, s: &Session) -> Result<(), CutoverE
         }
     }
     Ok(())
+}
+
+/// `GRANT` (or `REVOKE`) CONNECT on the session's database to (from) the fence
+/// roles; returns the database's name.
+async fn connect_privilege(s: &Session, cfg: &Config, grant: bool) -> Result<String, CutoverError> {
+    let db = database(s).await?;
+    let roles: Vec<String> = cfg
+        .cutover
+        .fence_roles
+        .iter()
+        .map(|r| quote_ident(r))
+        .collect();
+    let (verb, prep) = if grant {
+        ("GRANT", "TO")
+    } else {
+        ("REVOKE", "FROM")
+    };
+    s.client
+        .batch_execute(&format!(
+            "{verb} CONNECT ON DATABASE {} {prep} {}",
+            quote_ident(&db),
+            roles.join(", ")
+        ))
+        .await
+        .map_err(|e| s.err(e))?;
+    Ok(db)
 }
 
 /// Lifts the fence from `side`.
@@ -127,21 +139,7 @@ pub async fn unfence(cfg: &Config, side: Side, s: &Session) -> Result<(), Cutove
                 .map_err(|e| s.err(e))?;
         }
         FenceKind::RevokeConnect => {
-            let db = database(s).await?;
-            let roles: Vec<String> = cfg
-                .cutover
-                .fence_roles
-                .iter()
-                .map(|r| quote_ident(r))
-                .collect();
-            s.client
-                .batch_execute(&format!(
-                    "GRANT CONNECT ON DATABASE {} TO {}",
-                    quote_ident(&db),
-                    roles.join(", ")
-                ))
-                .await
-                .map_err(|e| s.err(e))?;
+            connect_privilege(s, cfg, true).await?;
         }
         FenceKind::Hook => {
             if let Some(cmd) = cfg.cutover.unfence_hook.as_deref() {
