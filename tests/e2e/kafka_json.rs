@@ -62,8 +62,7 @@ fn read_topic(brokers: &str, topic: &str, enough: impl Fn(&[Value]) -> bool) -> 
 fn schema_validator() -> jsonschema::Validator {
     let schema: Value = serde_json::from_str(
         &std::fs::read_to_string(
-            std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-                .join("schemas/change-record.schema.json"),
+            switchback_tests::repo_root().join("schemas/change-record.schema.json"),
         )
         .expect("read the schema"),
     )

@@ -821,6 +821,15 @@ pub fn quote_ident(s: &str) -> String {
 // The switchback binary and pipelines
 // ---------------------------------------------------------------------------
 
+/// The checkout under test: `cargo test` sets CARGO_MANIFEST_DIR when it runs the
+/// test binary. The compile-time value is only a fallback: a test binary reused
+/// from a shared target directory may have been compiled in another checkout.
+pub fn repo_root() -> PathBuf {
+    std::env::var_os("CARGO_MANIFEST_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")))
+}
+
 /// The `switchback` binary, built once per test process (`cargo build -p
 /// switchback-cli` into this test's target directory, so it is never stale), or
 /// `$SWITCHBACK_BIN`.
@@ -840,7 +849,7 @@ pub fn switchback_bin() -> &'static Path {
         let target_dir = profile_dir.parent().expect("target dir").to_path_buf();
         let bin = profile_dir.join("switchback");
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-        let manifest = Path::new(env!("CARGO_MANIFEST_DIR")).join("Cargo.toml");
+        let manifest = repo_root().join("Cargo.toml");
         let mut c = Command::new(cargo);
         c.args(["build", "-q", "-p", "switchback-cli", "--manifest-path"])
             .arg(&manifest)
