@@ -730,6 +730,7 @@ impl Applier {
         queue.ack(last.seq)?;
         self.progress = last.header.end_lsn;
 
+        tracing::debug!(txns, changes, end_lsn = %last.header.end_lsn, "group committed");
         metrics::counter!(metric::APPLY_TRANSACTIONS_TOTAL).increment(txns as u64);
         metrics::counter!(metric::APPLY_BATCHES_TOTAL).increment(1);
         for (op, n) in ops {

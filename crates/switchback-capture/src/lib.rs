@@ -53,6 +53,9 @@ impl Classify for CaptureError {
 pub struct CaptureProgress {
     /// Last position acknowledged to the hub's slot.
     pub acked: Lsn,
+    /// End LSN of the last transaction committed to the queue: visible to a reader
+    /// in this process, durable only up to `acked`. Apply in `run` wakes on it.
+    pub stored: Lsn,
     /// Whether the replication stream is connected.
     pub connected: bool,
 }

@@ -34,6 +34,14 @@ enum Frame {
 
 /// Commits between two forced flushes under continuous load.
 const MAX_UNFLUSHED_COMMITS: usize = 2000;
+/// Under continuous load (the frame channel never drains), a reader in this process
+/// is told about new transactions at least every this many commits.
+const PUBLISH_EVERY_COMMITS: usize = 250;
+/// Flushes (each an fsync, then a status update that makes the walsender save
+/// its slot) start at most this often. Readers in this process see transactions
+/// when they are committed, not when they are durable, so this only delays the
+/// slot's acknowledgement, and it saves CPU on both sides while a backlog drains.
+const MIN_FLUSH_INTERVAL: Duration = Duration::from_millis(10);
 
 /// Acknowledges the hub up to `to` once everything stored up to it is durable: the
 /// status task reports it, and progress and the metric follow. Never moves back.
@@ -199,6 +207,15 @@ pub async fn session<Q: QueueWriter + Send>(
     let mut handled: Option<Lsn> = None;
     let mut unflushed_commits = 0usize;
     let mut acked = start;
+    let mut stored = start;
+    let mut unpublished_commits = 0usize;
+    // When the last flush started; the next waits until MIN_FLUSH_INTERVAL after it.
+    let mut last_flush = tokio::time::Instant::now() - MIN_FLUSH_INTERVAL;
+    let mut flush_timer = false;
+    // One timer, re-armed when a flush must wait (a new `Sleep` per loop turn would
+    // re-register with the timer wheel, and wake the runtime's driver, every time).
+    let flush_sleep = tokio::time::sleep_until(last_flush);
+    tokio::pin!(flush_sleep);
 
     // A flush running in the background and the end position it makes durable:
     // capture goes on decoding while the queue syncs to disk.
@@ -209,6 +226,7 @@ pub async fn session<Q: QueueWriter + Send>(
             enum Event {
                 Frame(Option<Result<Frame, CaptureError>>),
                 Flushed(Result<(), QueueError>),
+                FlushDue,
             }
             let flushed = async {
                 match inflight.as_mut() {
@@ -219,6 +237,7 @@ pub async fn session<Q: QueueWriter + Send>(
             let event = tokio::select! {
                 r = flushed => Event::Flushed(r),
                 f = frames.recv() => Event::Frame(f),
+                _ = &mut flush_sleep, if flush_timer => Event::FlushDue,
                 _ = shutdown.changed() => Event::Frame(None),
             };
             match event {
@@ -227,6 +246,7 @@ pub async fn session<Q: QueueWriter + Send>(
                     let (_, lsn) = inflight.take().expect("a flush was in flight");
                     advance_ack(&mut acked, lsn, &ack_tx, progress);
                 }
+                Event::FlushDue => flush_timer = false,
                 Event::Frame(None) => {
                     if *shutdown.borrow() {
                         break Ok(());
@@ -261,10 +281,12 @@ pub async fn session<Q: QueueWriter + Send>(
                         let msg = decoder
                             .decode(&data)
                             .map_err(|e| CaptureError::Decode(e.to_string()))?;
-                        if let Step::Committed { end_lsn, stored } = asm.handle(queue, msg)? {
+                        if let Step::Committed { end_lsn, stored: s } = asm.handle(queue, msg)? {
                             handled = Some(handled.map_or(end_lsn, |h| h.max(end_lsn)));
-                            if stored {
+                            if s {
                                 unflushed_commits += 1;
+                                unpublished_commits += 1;
+                                stored = end_lsn;
                             }
                         }
                     }
@@ -273,8 +295,25 @@ pub async fn session<Q: QueueWriter + Send>(
             // Group commit: flush when the channel is drained or enough piled up;
             // one flush at a time (the next group waits for the one in flight).
             let Some(h) = handled else { continue };
-            let due = frames.is_empty() || unflushed_commits >= MAX_UNFLUSHED_COMMITS;
+            let drained = frames.is_empty();
+            if unpublished_commits > 0 && (drained || unpublished_commits >= PUBLISH_EVERY_COMMITS)
+            {
+                // Visible to apply in this process now, durable with the next flush.
+                unpublished_commits = 0;
+                progress.send_modify(|p| p.stored = stored);
+            }
+            let due = drained || unflushed_commits >= MAX_UNFLUSHED_COMMITS;
             if !due {
+                continue;
+            }
+            if unflushed_commits > 0
+                && unflushed_commits < MAX_UNFLUSHED_COMMITS
+                && tokio::time::Instant::now() < last_flush + MIN_FLUSH_INTERVAL
+            {
+                if !flush_timer {
+                    flush_timer = true;
+                    flush_sleep.as_mut().reset(last_flush + MIN_FLUSH_INTERVAL);
+                }
                 continue;
             }
             if let Some((f, lsn)) = inflight.as_mut() {
@@ -299,6 +338,8 @@ pub async fn session<Q: QueueWriter + Send>(
             handled = None;
             if unflushed_commits > 0 {
                 unflushed_commits = 0;
+                last_flush = tokio::time::Instant::now();
+                tracing::debug!(upto = %h, "flushing the queue");
                 metrics::counter!(metric::CAPTURE_FLUSHES_TOTAL).increment(1);
                 match queue.flush_in_background() {
                     Some(f) => {
