@@ -135,8 +135,36 @@ fn decode_entry(v: &[u8]) -> Result<(StoredHeader, &[u8]), QueueError> {
 }
 
 /// Pending batch size at which [`QueueWriter::commit`] writes it to sled without
-/// waiting for a flush (the default of [`SledLog::with_batch_bytes`]).
-pub const BATCH_BYTES: usize = 256 * 1024;
+/// waiting for a flush (the default of [`SledLog::with_batch_bytes`]). Kept under
+/// [`SLED_INLINE_MAX`] with room for one more entry, so batches stay in sled's log.
+pub const BATCH_BYTES: usize = 96 * 1024;
+
+/// sled 0.34 stores a value larger than about a quarter of its 512 KiB segment
+/// as a separate *blob* file, and never fsyncs blob files (only its log): a
+/// power loss could lose one whose log entry survived. Values up to this size
+/// stay in the log; when a larger one is written (a huge row), the next flush
+/// fsyncs the blob files first (see [`sync_blobs`]).
+pub const SLED_INLINE_MAX: usize = 120 * 1024;
+
+/// fsyncs every blob file and the blob directory (see [`SLED_INLINE_MAX`]).
+fn sync_blobs(db_path: &Path) -> std::io::Result<()> {
+    let dir = db_path.join("blobs");
+    let entries = match std::fs::read_dir(&dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(e),
+    };
+    for e in entries {
+        let path = e?.path();
+        match std::fs::File::open(&path) {
+            Ok(f) => f.sync_all()?,
+            // Deleted meanwhile by sled's own cleanup.
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e),
+        }
+    }
+    std::fs::File::open(&dir)?.sync_all()
+}
 
 /// What retention needs to know about a batch stored in the `txns` tree.
 struct BatchInfo {
@@ -337,6 +365,8 @@ struct Shared {
     pending: Mutex<Pending>,
     /// The batches in the `txns` tree, in seq order.
     stored: Mutex<std::collections::VecDeque<BatchInfo>>,
+    /// A value over [`SLED_INLINE_MAX`] was written since the last flush began.
+    wrote_blob: std::sync::atomic::AtomicBool,
 }
 
 /// The sled log. Clone it to share between a writer task and a reader task of one
@@ -475,6 +505,7 @@ impl SledLog {
                 acked: AtomicU64::new(0),
                 pending: Mutex::new(Pending::default()),
                 stored: Mutex::new(Default::default()),
+                wrote_blob: Default::default(),
             }),
             latest_relations: HashMap::new(),
             next_seq: 1,
@@ -672,6 +703,13 @@ impl SledLog {
             .collect())
     }
 
+    /// Remembers that a value sled will keep as a blob file was written.
+    fn note_size(&self, len: usize) {
+        if len > SLED_INLINE_MAX {
+            self.shared.wrote_blob.store(true, Ordering::SeqCst);
+        }
+    }
+
     /// Sets the pending batch size at which a commit writes the batch to sled
     /// before a flush (default [`BATCH_BYTES`]; small values are for tests).
     pub fn with_batch_bytes(mut self, bytes: usize) -> SledLog {
@@ -776,6 +814,7 @@ impl SledLog {
         } else {
             let count = (p.spans.len() as u32).to_be_bytes();
             p.buf[..4].copy_from_slice(&count);
+            self.note_size(p.buf.len());
             self.txns
                 .insert(be64(p.first), p.buf.as_slice())
                 .map_err(|e| self.storage(e))?;
@@ -901,6 +940,7 @@ impl SledLog {
         let mut value = Vec::with_capacity(4 + enc.len());
         value.extend_from_slice(&subxid.to_be_bytes());
         value.extend_from_slice(enc);
+        self.note_size(value.len());
         self.data
             .insert(chunk_key(data_id, chunk), value)
             .map_err(|e| self.storage(e))?;
@@ -1065,6 +1105,7 @@ impl QueueWriter for SledLog {
         let mut new_versions = Vec::new();
         for (oid, bytes) in finals {
             if self.latest_relations.get(&oid).map(Vec::as_slice) != Some(bytes) {
+                self.note_size(bytes.len());
                 self.rels
                     .insert(rel_key(oid, seq), bytes)
                     .map_err(|e| self.storage(e))?;
@@ -1109,26 +1150,38 @@ impl QueueWriter for SledLog {
     }
 
     async fn flush(&mut self) -> Result<(), QueueError> {
-        self.write_pending()?;
-        self.db.flush_async().await.map_err(|e| self.storage(e))?;
-        Ok(())
+        match self.flush_in_background() {
+            Some(f) => f?.await,
+            None => unreachable!("the sled log always flushes in the background"),
+        }
     }
 
     fn flush_in_background(&mut self) -> Option<Result<crate::BackgroundFlush, QueueError>> {
         if let Err(e) = self.write_pending() {
             return Some(Err(e));
         }
-        // sled's flush makes every write issued before it durable.
+        // Blob files first (sled does not sync them), then sled's flush, which makes
+        // every write issued before it durable.
+        let blobs = self.shared.wrote_blob.swap(false, Ordering::SeqCst);
         let db = self.db.clone();
+        let dir = self.path.clone();
         let path = self.path.display().to_string();
         Some(Ok(Box::pin(async move {
+            let storage = |message: String| QueueError::Storage {
+                path: path.clone(),
+                message,
+            };
+            if blobs {
+                let d = dir.clone();
+                tokio::task::spawn_blocking(move || sync_blobs(&d))
+                    .await
+                    .map_err(|e| storage(e.to_string()))?
+                    .map_err(|e| storage(format!("fsync of sled blob files: {e}")))?;
+            }
             db.flush_async()
                 .await
                 .map(|_| ())
-                .map_err(|e| QueueError::Storage {
-                    path,
-                    message: e.to_string(),
-                })
+                .map_err(|e| storage(e.to_string()))
         })))
     }
 
