@@ -145,16 +145,25 @@ pub async fn resolve(
         mt = load().await?;
         (map, problems) = model::map_table(&rule, tables.drift, &hub_names, &mt);
     }
-    // Types: built-in hub types are known by OID on the member too.
-    for (i, (h, t)) in map.columns.iter().enumerate() {
-        let ColumnTarget::Member(m) = t else { continue };
+    // Types: built-in hub types are known by OID on the member too. The lookups
+    // are pipelined on the one connection.
+    let mapped: Vec<(usize, &String, &String)> = map
+        .columns
+        .iter()
+        .enumerate()
+        .filter_map(|(i, (h, t))| match t {
+            ColumnTarget::Member(m) => Some((i, h, m)),
+            _ => None,
+        })
+        .collect();
+    let types = futures_util::future::join_all(mapped.iter().map(|&(i, _, _)| {
         let c = &rel.columns[i];
-        if let (Some((full, base, cat)), Some(mc)) = (
-            catalog::builtin_type(member, c.type_oid, c.type_modifier)
-                .await
-                .map_err(ApplyError::member)?,
-            mt.column(m),
-        ) {
+        catalog::builtin_type(member, c.type_oid, c.type_modifier)
+    }))
+    .await;
+    for (&(_, h, m), ty) in mapped.iter().zip(types) {
+        if let (Some((full, base, cat)), Some(mc)) = (ty.map_err(ApplyError::member)?, mt.column(m))
+        {
             problems.extend(
                 model::type_problem(&display, h, (&base, cat), mc)
                     .or_else(|| model::length_problem(&display, h, &full, mc)),

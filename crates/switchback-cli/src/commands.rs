@@ -114,7 +114,10 @@ fn load_current(c: &ConfigArg) -> anyhow::Result<Config> {
 pub fn open_queue(cfg: &Config) -> anyhow::Result<SledLog> {
     std::fs::create_dir_all(&cfg.queue.path)
         .with_context(|| format!("cannot create queue directory {}", cfg.queue.path.display()))?;
-    Ok(SledLog::open(&cfg.queue.path)?)
+    let started = std::time::Instant::now();
+    let log = SledLog::open(&cfg.queue.path)?;
+    tracing::debug!(path = %cfg.queue.path.display(), took = ?started.elapsed(), "queue opened");
+    Ok(log)
 }
 
 /// The Kafka settings of the hub → member direction.
@@ -262,7 +265,16 @@ async fn run(r: RunArgs) -> anyhow::Result<ExitCode> {
         anyhow::bail!("`switchback run` uses the embedded sled log; with [queue] kind = \"kafka\" run `switchback capture` and `switchback apply` as two processes");
     }
     telemetry::init_metrics(cfg.metrics.listen.as_deref())?;
-    if switchback_cutover::run_directions(&cfg)? == [switchback_config::Direction::HubToMember] {
+    let forward_only =
+        switchback_cutover::run_directions(&cfg)? == [switchback_config::Direction::HubToMember];
+    // The queue opens (sled recovery, a blocking read) while the check runs.
+    let mut opening =
+        (forward_only && !r.seed && cfg.direction == switchback_config::Direction::HubToMember)
+            .then(|| {
+                let cfg = cfg.clone();
+                tokio::task::spawn_blocking(move || open_queue(&cfg))
+            });
+    if forward_only {
         check_before_start(&cfg, switchback_mapping::check::Sides::Both).await?;
         if r.seed {
             crate::seed::seed_then_run(&cfg, &r.seed_opts).await?;
@@ -298,8 +310,14 @@ async fn run(r: RunArgs) -> anyhow::Result<ExitCode> {
         for d in &dirs {
             let dcfg = cfg.for_direction(*d);
             let (stop_tx, stop_rx) = (stop_tx.clone(), stop_rx.clone());
+            let queue = match opening.take() {
+                Some(q) if *d == cfg.direction => {
+                    Some(q.await.context("opening the queue panicked")??)
+                }
+                _ => None,
+            };
             tasks.push(tokio::spawn(async move {
-                let r = run_direction(dcfg, stop_tx.clone(), stop_rx).await;
+                let r = run_direction(dcfg, queue, stop_tx.clone(), stop_rx).await;
                 if r.is_err() {
                     let _ = stop_tx.send(true);
                 }
@@ -326,10 +344,14 @@ async fn run(r: RunArgs) -> anyhow::Result<ExitCode> {
 /// One direction of `run` until `stop_rx` turns true or a half fails.
 async fn run_direction(
     cfg: Config,
+    queue: Option<SledLog>,
     stop_tx: watch::Sender<bool>,
     stop_rx: watch::Receiver<bool>,
 ) -> anyhow::Result<()> {
-    let mut writer = open_queue(&cfg)?;
+    let mut writer = match queue {
+        Some(q) => q,
+        None => open_queue(&cfg)?,
+    };
     let reader = writer.clone();
     let direction = cfg.direction.as_str();
     let (cap_tx, cap_rx) = watch::channel(switchback_capture::CaptureProgress::default());

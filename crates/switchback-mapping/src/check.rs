@@ -199,18 +199,28 @@ fn describe(e: &tokio_postgres::Error) -> String {
 /// Checks the pipeline: every problem is collected, none stops the check.
 pub async fn check(cfg: &Config, sides: Sides) -> Report {
     let mut r = Report::default();
-    let hub_session = match connect(cfg.hub_pg(), "hub").await {
-        Ok(s) => Some(s),
-        Err(p) => {
-            r.problems.push(p);
+    // The member connection is set up while the hub is checked.
+    let member = async {
+        if sides == Sides::Both {
+            Some(connect(cfg.member_pg(), "member").await)
+        } else {
             None
         }
     };
-    if let Some(hub_s) = &hub_session {
-        check_hub(cfg, hub_s, &mut r).await;
-    }
-    if sides == Sides::Both {
-        match connect(cfg.member_pg(), "member").await {
+    let hub = async {
+        let mut r = Report::default();
+        match connect(cfg.hub_pg(), "hub").await {
+            Ok(hub_s) => check_hub(cfg, &hub_s, &mut r).await,
+            Err(p) => r.problems.push(p),
+        }
+        r
+    };
+    let (hub_report, member) = futures_util::future::join(hub, member).await;
+    r.problems = hub_report.problems;
+    r.notes = hub_report.notes;
+    r.tables = hub_report.tables;
+    if let Some(member) = member {
+        match member {
             Ok(m) => {
                 r.member_checked = true;
                 check_member(cfg, &m, &mut r).await
@@ -271,9 +281,14 @@ async fn check_hub(cfg: &Config, hub_s: &Session, r: &mut Report) {
             ));
         }
     }
-    for t in tables {
+    let names: Vec<(&str, &str)> = tables
+        .iter()
+        .map(|t| (t.schema.as_str(), t.table.as_str()))
+        .collect();
+    let loaded = catalog::load_tables(&hub_s.client, &names).await;
+    for (t, hub_t) in tables.iter().zip(loaded) {
         let display = t.display();
-        let hub_t = match catalog::load_table(&hub_s.client, &t.schema, &t.table).await {
+        let hub_t = match hub_t {
             Ok(Some(h)) => h,
             Ok(None) => continue, // dropped meanwhile
             Err(e) => {
@@ -450,11 +465,17 @@ async fn check_member(cfg: &Config, m: &Session, r: &mut Report) {
             );
         }
     }
-    for t in &mut r.tables {
+    let rules: Vec<_> = r
+        .tables
+        .iter()
+        .map(|t| cfg.tables.rule(&t.hub.schema, &t.hub.name))
+        .collect();
+    let names: Vec<(&str, &str)> = rules.iter().map(|rule| rule.target()).collect();
+    let loaded = catalog::load_tables(&m.client, &names).await;
+    for ((t, rule), member) in r.tables.iter_mut().zip(&rules).zip(loaded) {
         let display = t.hub.display();
-        let rule = cfg.tables.rule(&t.hub.schema, &t.hub.name);
         let (ts, tn) = rule.target();
-        let member = match catalog::load_table(&m.client, ts, tn).await {
+        let member = match member {
             Ok(Some(mt)) => mt,
             Ok(None) => {
                 r.problems.push(Problem::new(
