@@ -10,7 +10,11 @@
 #
 # Method (as ../shared/bench/native-peers.sh): both slots exist before the
 # backlog is written; the clock starts when the consumer is enabled and stops
-# when the member holds every pgbench_history row of the hub.
+# when the member holds every pgbench_history row of the hub. Odd runs drain with
+# the native subscription first, even runs with switchback first; after each run
+# both slots' restart_lsn is moved past the backlog (settle_slots). Each run also
+# times pg_recvlogical reading the backlog into /dev/null: the decoder's pace,
+# which bounds every consumer.
 set -euo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)
 source "$here/scripts/cluster.sh"
@@ -20,7 +24,10 @@ export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$HOME/.cache/switchback-target}
 SB=$CARGO_TARGET_DIR/release/switchback
 HP=$(free_port); MP=$(free_port)
 trap 'kill $(jobs -p) 2>/dev/null || true; cluster_destroy hub; cluster_destroy member; rm -rf "$SB_ROOT"' EXIT
-cluster_start hub "$HP"; cluster_start member "$MP"
+# 1 GB of shared buffers: the member holds two or three copies of the pgbench tables, and
+# with less they evict each other, which penalises whichever consumer drains second.
+cluster_start hub "$HP" "shared_buffers = 1GB" "autovacuum = off"
+cluster_start member "$MP" "shared_buffers = 1GB" "autovacuum = off"
 DBS="native sb"
 if [ "$KAFKA" = 1 ]; then
   KP=$(free_port)
@@ -30,8 +37,10 @@ if [ "$KAFKA" = 1 ]; then
   until (exec 3<>"/dev/tcp/127.0.0.1/$KP") 2>/dev/null; do sleep 0.1; done
   DBS="native sb kf"
 fi
-H() { psql -h 127.0.0.1 -p "$HP" -U postgres -X -q -v ON_ERROR_STOP=1 "$@"; }
-M() { psql -h 127.0.0.1 -p "$MP" -U postgres -X -q -v ON_ERROR_STOP=1 "$@"; }
+# The server's own psql (Debian's wrapper is a Perl script: its start-up would steal
+# CPU from the drain being measured on a small machine).
+H() { "$PG_BIN/psql" -h 127.0.0.1 -p "$HP" -U postgres -X -q -v ON_ERROR_STOP=1 "$@"; }
+M() { "$PG_BIN/psql" -h 127.0.0.1 -p "$MP" -U postgres -X -q -v ON_ERROR_STOP=1 "$@"; }
 now() { date +%s.%N; }
 
 "$PG_BIN/pgbench" -h 127.0.0.1 -p "$HP" -U postgres -i -s "$SCALE" -q postgres >/dev/null 2>&1
@@ -80,27 +89,57 @@ TOML
 fi
 
 HIST="select count(*) || ':' || coalesce(max(hid), 0) from pgbench_history"
-wait_rows() { # db want: until the member's history matches the hub's exactly
-  until [ "$(M -d "$1" -Atc "$HIST")" = "$2" ]; do sleep 0.05; done
+wait_rows() { # db want: until the member's history matches the hub's exactly.
+  # One session polls every 5 ms (through the key index, then the exact count),
+  # so neither consumer pays for a psql start per poll.
+  M -d "$1" -c "DO \$\$ BEGIN
+    LOOP EXIT WHEN (SELECT coalesce(max(hid), 0) FROM pgbench_history) >= ${2#*:}; PERFORM pg_sleep(0.005); END LOOP;
+    LOOP EXIT WHEN ($HIST) = '$2'; PERFORM pg_sleep(0.005); END LOOP;
+  END \$\$"
+}
+drain_native() { t=$(now); M -d native -c "alter subscription native_sub enable"; wait_rows native "$want"; native=$(echo "$(now) - $t" | bc); }
+drain_sb() {
+  t=$(now); "$SB" --log warn run --config "$SB_ROOT/sb.toml" 2>>"$SB_ROOT/run.log" & pid=$!; wait_rows sb "$want"
+  sb=$(echo "$(now) - $t" | bc)
+}
+# While both consumers are connected and idle: a checkpoint logs the running
+# transactions, and both slots' restart_lsn moves past this run's backlog. Without
+# it the next run's walsender decodes this backlog again (as in production, where
+# the consumer stays connected and restart_lsn keeps moving).
+settle_slots() { # slot names, quoted for SQL
+  local lsn; lsn=$(H -Atc "select pg_current_wal_lsn()"); H -c checkpoint
+  until [ "$(H -Atc "select bool_and(restart_lsn >= '$lsn') from pg_replication_slots where slot_name in ($1)")" = t ]; do sleep 0.1; done
+}
+# The decoder's own pace: pg_recvlogical reads the same backlog through pgoutput
+# into /dev/null (a fresh slot per run). No consumer can drain faster than this.
+drain_ceiling() {
+  local end; end=$(H -Atc "select pg_current_wal_lsn()")
+  t=$(now)
+  "$PG_BIN/pg_recvlogical" -h 127.0.0.1 -p "$HP" -U postgres -d postgres -S bench_ceiling --start \
+    -o proto_version=1 -o publication_names=native_pub --endpos="$end" -f /dev/null
+  ceiling=$(echo "$(now) - $t" | bc)
+  H -Atc "select pg_drop_replication_slot('bench_ceiling')" >/dev/null
 }
 for run in $(seq 1 "$RUNS"); do
   M -d native -c "alter subscription native_sub disable"
+  H -Atc "select pg_create_logical_replication_slot('bench_ceiling', 'pgoutput')" >/dev/null
   # -n: no vacuum, and above all no TRUNCATE of pgbench_history before the run.
   "$PG_BIN/pgbench" -n -h 127.0.0.1 -p "$HP" -U postgres -c 4 -j 2 -t $((TXNS / 4)) -N postgres >/dev/null 2>&1
   want=$(H -Atc "$HIST")
-  t=$(now); M -d native -c "alter subscription native_sub enable"; wait_rows native "$want"
-  native=$(echo "$(now) - $t" | bc)
-  t=$(now); "$SB" --log warn run --config "$SB_ROOT/sb.toml" 2>>"$SB_ROOT/run.log" & pid=$!; wait_rows sb "$want"
-  sb=$(echo "$(now) - $t" | bc)
+  # Odd runs drain with the native subscription first, even runs with switchback first.
+  if [ $((run % 2)) = 1 ]; then drain_native; drain_sb; else drain_sb; drain_native; fi
+  settle_slots "'native_sub', 'switchback_bench'"
   kill -INT $pid; wait $pid
-  printf 'run %d: txns %d  native_drain %.2f s  switchback_drain %.2f s  ratio switchback/native %.2f\n' \
-    "$run" "$TXNS" "$native" "$sb" "$(echo "$sb / $native" | bc -l)"
+  drain_ceiling
+  printf 'run %d: txns %d  native_drain %.2f s  switchback_drain %.2f s  ratio switchback/native %.2f  (pg_recvlogical alone %.2f s)\n' \
+    "$run" "$TXNS" "$native" "$sb" "$(echo "$sb / $native" | bc -l)" "$ceiling"
   if [ "$KAFKA" = 1 ]; then
     t=$(now)
     "$SB" --log warn capture --config "$SB_ROOT/kf.toml" 2>>"$SB_ROOT/kf-capture.log" & cpid=$!
     "$SB" --log warn apply --config "$SB_ROOT/kf.toml" 2>>"$SB_ROOT/kf-apply.log" & apid=$!
     wait_rows kf "$want"
     kf=$(echo "$(now) - $t" | bc)
+    settle_slots "'switchback_benchk'"
     kill -INT $cpid $apid; wait $cpid $apid
     printf 'run %d: txns %d  kafka_drain %.2f s  ratio kafka/native %.2f  ratio kafka/sled %.2f\n' \
       "$run" "$TXNS" "$kf" "$(echo "$kf / $native" | bc -l)" "$(echo "$kf / $sb" | bc -l)"
