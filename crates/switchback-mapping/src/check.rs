@@ -505,7 +505,7 @@ async fn check_member(cfg: &Config, m: &Session, r: &mut Report) {
             }
         };
         let hub_cols: Vec<&str> = t.hub.columns.iter().map(|c| c.name.as_str()).collect();
-        let (map, problems) = model::map_table(&rule, cfg.tables.drift, &hub_cols, &member);
+        let (map, problems) = model::map_table(rule, cfg.tables.drift, &hub_cols, &member);
         r.problems.extend(problems);
         for (h, target) in &map.columns {
             let ColumnTarget::Member(mname) = target else {
