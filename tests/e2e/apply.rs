@@ -10,7 +10,7 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-use switchback_tests::{DropSlot, Timed};
+use switchback_tests::{fingerprint, DropSlot, Timed, BENCH_TABLES, PIN};
 
 use serde_json::Value;
 use switchback_tests::{
@@ -20,19 +20,6 @@ use switchback_tests::{
 
 const MINUTE: Duration = Duration::from_secs(60);
 
-/// Session settings that make text output comparable between the two clusters
-/// (the member's database may have another TimeZone).
-const PIN: &str = "SET datestyle = ISO; SET intervalstyle = postgres; \
-                   SET extra_float_digits = 3; SET TimeZone = 'UTC';";
-
-/// The pgbench tables and their keys.
-const BENCH_TABLES: [(&str, &str); 4] = [
-    ("pgbench_accounts", "aid"),
-    ("pgbench_branches", "bid"),
-    ("pgbench_tellers", "tid"),
-    ("pgbench_history", "hid"),
-];
-
 /// A 64,000-character value; with STORAGE EXTERNAL it is stored out of line.
 const BIG: &str = "(SELECT string_agg(md5(i::text), '') FROM generate_series(1, 2000) i)";
 
@@ -41,21 +28,6 @@ const BIG: &str = "(SELECT string_agg(md5(i::text), '') FROM generate_series(1, 
 // ---------------------------------------------------------------------------
 
 /// Row count and an md5 over the rows (`t::text` of each, ordered by `order_by`).
-fn fingerprint(c: &Cluster, db: &str, table: &str, order_by: &str) -> (u64, String) {
-    let out = c.psql(
-        db,
-        &format!(
-            "{PIN}\nSELECT count(*), md5(coalesce(string_agg(md5(t::text), '' ORDER BY {order_by}), '')) \
-             FROM {table} t"
-        ),
-    );
-    let line = out.lines().last().unwrap_or_default();
-    let (n, md5) = line
-        .split_once('|')
-        .unwrap_or_else(|| panic!("fingerprint of {table}: unexpected output {out:?}"));
-    (n.parse().expect("count"), md5.to_string())
-}
-
 /// Asserts that every pgbench table is equal on both sides.
 fn assert_bench_equal(hub: &Cluster, hdb: &str, member: &Cluster, mdb: &str) {
     let mut diffs = Vec::new();

@@ -12,40 +12,17 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 use switchback_tests::cutover::{start_writers, WriterReport};
 use switchback_tests::{
-    by_scale, hub, member, unique, wait_until, Cluster, ClusterOptions, Pipeline, Spawned,
+    by_scale, hub, member, try_fingerprint, unique, wait_until, Cluster, ClusterOptions, Pipeline,
+    Spawned, BENCH_TABLES,
 };
 
 const MINUTE: Duration = Duration::from_secs(60);
 
-const PIN: &str = "SET datestyle = ISO; SET intervalstyle = postgres; \
-                   SET extra_float_digits = 3; SET TimeZone = 'UTC';";
-
-const BENCH_TABLES: [(&str, &str); 4] = [
-    ("pgbench_accounts", "aid"),
-    ("pgbench_branches", "bid"),
-    ("pgbench_tellers", "tid"),
-    ("pgbench_history", "hid"),
-];
-
-fn fingerprint(c: &Cluster, db: &str, table: &str, order_by: &str) -> Option<(u64, String)> {
-    let out = c
-        .try_psql(
-            db,
-            &format!(
-                "{PIN}\nSELECT count(*), md5(coalesce(string_agg(md5(t::text), '' ORDER BY {order_by}), '')) \
-                 FROM {table} t"
-            ),
-        )
-        .ok()?;
-    let (n, md5) = out.lines().last()?.split_once('|')?;
-    Some((n.parse().ok()?, md5.to_string()))
-}
-
 fn bench_equal(hdb: &str, mdb: &str) -> Result<(), String> {
     let mut diffs = Vec::new();
     for (table, key) in BENCH_TABLES {
-        let h = fingerprint(hub(), hdb, table, key);
-        let m = fingerprint(member(), mdb, table, key);
+        let h = try_fingerprint(hub(), hdb, table, key);
+        let m = try_fingerprint(member(), mdb, table, key);
         if h.is_none() || h != m {
             diffs.push(format!("{table}: hub {h:?}, member {m:?}"));
         }

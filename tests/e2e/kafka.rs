@@ -9,41 +9,17 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 use switchback_tests::{
-    by_scale, hub, kafka_broker, member, quote_literal, wait_for, wait_until, Broker, Cluster, Lsn,
-    Pipeline, Spawned,
+    by_scale, fingerprint, hub, kafka_broker, member, quote_literal, wait_for, wait_until, Broker,
+    Cluster, Lsn, Pipeline, Spawned, BENCH_TABLES,
 };
 
 const MINUTE: Duration = Duration::from_secs(60);
-
-const PIN: &str = "SET datestyle = ISO; SET intervalstyle = postgres; \
-                   SET extra_float_digits = 3; SET TimeZone = 'UTC';";
-
-const BENCH_TABLES: [(&str, &str); 4] = [
-    ("pgbench_accounts", "aid"),
-    ("pgbench_branches", "bid"),
-    ("pgbench_tellers", "tid"),
-    ("pgbench_history", "hid"),
-];
-
-fn fingerprint(c: &Cluster, db: &str, table: &str, order_by: &str) -> String {
-    c.psql(
-        db,
-        &format!(
-            "{PIN}\nSELECT count(*), md5(coalesce(string_agg(md5(t::text), '' ORDER BY {order_by}), '')) \
-             FROM {table} t"
-        ),
-    )
-    .lines()
-    .last()
-    .unwrap_or_default()
-    .to_string()
-}
 
 fn assert_bench_equal(hub: &Cluster, hdb: &str, member: &Cluster, mdb: &str) {
     for (table, key) in BENCH_TABLES {
         let h = fingerprint(hub, hdb, table, key);
         let m = fingerprint(member, mdb, table, key);
-        eprintln!("  {table}: hub {h} member {m}");
+        eprintln!("  {table}: hub {h:?} member {m:?}");
         assert_eq!(h, m, "{table} differs (count|md5)");
     }
 }

@@ -5,7 +5,7 @@
 //! kept; `--create-schema`; a large table split into ctid ranges across jobs.
 
 use std::time::{Duration, Instant};
-use switchback_tests::{DropSlot, Timed};
+use switchback_tests::{fingerprint, DropSlot, Timed, BENCH_TABLES};
 
 use serde_json::Value;
 use switchback_tests::seed::Holder;
@@ -15,17 +15,6 @@ use switchback_tests::{
 
 const MINUTE: Duration = Duration::from_secs(60);
 
-/// Session settings that make text output comparable between the two clusters.
-const PIN: &str = "SET datestyle = ISO; SET intervalstyle = postgres; \
-                   SET extra_float_digits = 3; SET TimeZone = 'UTC';";
-
-const BENCH_TABLES: [(&str, &str); 4] = [
-    ("pgbench_accounts", "aid"),
-    ("pgbench_branches", "bid"),
-    ("pgbench_tellers", "tid"),
-    ("pgbench_history", "hid"),
-];
-
 /// The pgbench tables as `pgbench -i` creates them (plus the harness's `hid` key),
 /// empty: the member side of a seed.
 const BENCH_DDL: &str = "\
@@ -34,21 +23,6 @@ const BENCH_DDL: &str = "\
     CREATE TABLE pgbench_tellers (tid int NOT NULL PRIMARY KEY, bid int, tbalance int, filler char(84)); \
     CREATE TABLE pgbench_history (tid int, bid int, aid int, delta int, mtime timestamp, filler char(22), \
                                   hid bigint PRIMARY KEY);";
-
-fn fingerprint(c: &Cluster, db: &str, table: &str, order_by: &str) -> (u64, String) {
-    let out = c.psql(
-        db,
-        &format!(
-            "{PIN}\nSELECT count(*), md5(coalesce(string_agg(md5(t::text), '' ORDER BY {order_by}), '')) \
-             FROM {table} t"
-        ),
-    );
-    let line = out.lines().last().unwrap_or_default();
-    let (n, md5) = line
-        .split_once('|')
-        .unwrap_or_else(|| panic!("fingerprint of {table}: unexpected output {out:?}"));
-    (n.parse().expect("count"), md5.to_string())
-}
 
 fn assert_tables_equal(
     hub: &Cluster,

@@ -818,6 +818,54 @@ pub fn quote_ident(s: &str) -> String {
 }
 
 // ---------------------------------------------------------------------------
+// Comparing tables across the two clusters
+// ---------------------------------------------------------------------------
+
+/// Session settings that make text output comparable between the two clusters
+/// (the member's database may have another TimeZone).
+pub const PIN: &str = "SET datestyle = ISO; SET intervalstyle = postgres; \
+                       SET extra_float_digits = 3; SET TimeZone = 'UTC';";
+
+/// The pgbench tables and their keys.
+pub const BENCH_TABLES: [(&str, &str); 4] = [
+    ("pgbench_accounts", "aid"),
+    ("pgbench_branches", "bid"),
+    ("pgbench_tellers", "tid"),
+    ("pgbench_history", "hid"),
+];
+
+/// The query behind [`fingerprint`]: row count and an md5 over the rows of `table`
+/// ordered by `order_by`, text output pinned by [`PIN`].
+fn fingerprint_sql(table: &str, order_by: &str) -> String {
+    format!(
+        "{PIN}\nSELECT count(*), md5(coalesce(string_agg(md5(t::text), '' ORDER BY {order_by}), '')) \
+         FROM {table} t"
+    )
+}
+
+fn parse_fingerprint(out: &str) -> Option<(u64, String)> {
+    let (n, md5) = out.lines().last()?.split_once('|')?;
+    Some((n.parse().ok()?, md5.to_string()))
+}
+
+/// Row count and an md5 over the rows of `table` ordered by `order_by`.
+pub fn fingerprint(c: &Cluster, db: &str, table: &str, order_by: &str) -> (u64, String) {
+    let out = c.psql(db, &fingerprint_sql(table, order_by));
+    parse_fingerprint(&out)
+        .unwrap_or_else(|| panic!("fingerprint of {table}: unexpected output {out:?}"))
+}
+
+/// [`fingerprint`], or None when the query fails (e.g. the cluster is down).
+pub fn try_fingerprint(
+    c: &Cluster,
+    db: &str,
+    table: &str,
+    order_by: &str,
+) -> Option<(u64, String)> {
+    parse_fingerprint(&c.try_psql(db, &fingerprint_sql(table, order_by)).ok()?)
+}
+
+// ---------------------------------------------------------------------------
 // The switchback binary and pipelines
 // ---------------------------------------------------------------------------
 
