@@ -703,6 +703,34 @@ impl SledLog {
             .collect())
     }
 
+    /// Writes the pending batch and returns the future that makes everything
+    /// committed so far durable.
+    fn start_flush(&mut self) -> Result<crate::BackgroundFlush, QueueError> {
+        self.write_pending()?;
+        // Blob files first (sled does not sync them), then sled's flush, which makes
+        // every write issued before it durable.
+        let blobs = self.shared.wrote_blob.swap(false, Ordering::SeqCst);
+        let db = self.db.clone();
+        let dir = self.path.clone();
+        let path = self.path.display().to_string();
+        Ok(Box::pin(async move {
+            let storage = |message: String| QueueError::Storage {
+                path: path.clone(),
+                message,
+            };
+            if blobs {
+                tokio::task::spawn_blocking(move || sync_blobs(&dir))
+                    .await
+                    .map_err(|e| storage(e.to_string()))?
+                    .map_err(|e| storage(format!("fsync of sled blob files: {e}")))?;
+            }
+            db.flush_async()
+                .await
+                .map(|_| ())
+                .map_err(|e| storage(e.to_string()))
+        }))
+    }
+
     /// Remembers that a value sled will keep as a blob file was written.
     fn note_size(&self, len: usize) {
         if len > SLED_INLINE_MAX {
@@ -1150,39 +1178,11 @@ impl QueueWriter for SledLog {
     }
 
     async fn flush(&mut self) -> Result<(), QueueError> {
-        match self.flush_in_background() {
-            Some(f) => f?.await,
-            None => unreachable!("the sled log always flushes in the background"),
-        }
+        self.start_flush()?.await
     }
 
     fn flush_in_background(&mut self) -> Option<Result<crate::BackgroundFlush, QueueError>> {
-        if let Err(e) = self.write_pending() {
-            return Some(Err(e));
-        }
-        // Blob files first (sled does not sync them), then sled's flush, which makes
-        // every write issued before it durable.
-        let blobs = self.shared.wrote_blob.swap(false, Ordering::SeqCst);
-        let db = self.db.clone();
-        let dir = self.path.clone();
-        let path = self.path.display().to_string();
-        Some(Ok(Box::pin(async move {
-            let storage = |message: String| QueueError::Storage {
-                path: path.clone(),
-                message,
-            };
-            if blobs {
-                let d = dir.clone();
-                tokio::task::spawn_blocking(move || sync_blobs(&d))
-                    .await
-                    .map_err(|e| storage(e.to_string()))?
-                    .map_err(|e| storage(format!("fsync of sled blob files: {e}")))?;
-            }
-            db.flush_async()
-                .await
-                .map(|_| ())
-                .map_err(|e| storage(e.to_string()))
-        })))
+        Some(self.start_flush())
     }
 
     fn last_end_lsn(&self) -> Option<Lsn> {
