@@ -139,12 +139,31 @@ fn decode_entry(v: &[u8]) -> Result<(StoredHeader, &[u8]), QueueError> {
 /// [`SLED_INLINE_MAX`] with room for one more entry, so batches stay in sled's log.
 pub const BATCH_BYTES: usize = 96 * 1024;
 
-/// sled 0.34 stores a value larger than about a quarter of its 512 KiB segment
-/// as a separate *blob* file, and never fsyncs blob files (only its log): a
-/// power loss could lose one whose log entry survived. Values up to this size
-/// stay in the log; when a larger one is written (a huge row), the next flush
-/// fsyncs the blob files first (see [`sync_blobs`]).
-pub const SLED_INLINE_MAX: usize = 120 * 1024;
+/// sled 0.34 writes any log message larger than a quarter of its segment as a
+/// separate *blob* file, and never fsyncs blob files (only its log): a power loss
+/// could lose one whose log entry survived. Such messages are not only large
+/// values: when sled rewrites a leaf page whole, the message holds every value of
+/// the leaf (up to 17: leaves split above 16 entries). With sled's default 512 KiB
+/// segments, two 96 KiB batches in one leaf made a blob.
+///
+/// New queues therefore use [`SEGMENT_BYTES`] segments: 17 values of up to
+/// [`SLED_INLINE_MAX`] stay under a quarter of it, so pages stay in the log. When a
+/// larger value is written (a huge row), the next flush fsyncs the blob files
+/// first (see [`sync_blobs`]).
+pub const SLED_INLINE_MAX: usize = 112 * 1024;
+
+/// sled segment size of new queues (see [`SLED_INLINE_MAX`]); sled keeps a
+/// queue's segment size for its life.
+pub const SEGMENT_BYTES: usize = 8 * 1024 * 1024;
+
+/// The segment size a queue was created with, from sled's `conf` file (`None` for
+/// a new queue).
+fn persisted_segment_size(path: &Path) -> Option<usize> {
+    let conf = std::fs::read_to_string(path.join("conf")).ok()?;
+    conf.lines()
+        .find_map(|l| l.strip_prefix("segment_size:"))
+        .and_then(|v| v.trim().parse().ok())
+}
 
 /// fsyncs every blob file and the blob directory (see [`SLED_INLINE_MAX`]).
 fn sync_blobs(db_path: &Path) -> std::io::Result<()> {
@@ -469,8 +488,24 @@ impl SledLog {
     pub fn open(path: &Path) -> Result<SledLog, QueueError> {
         let p = path.display().to_string();
         remove_unfinished_snapshots(path);
+        let segment = match persisted_segment_size(path) {
+            Some(n) if n != SEGMENT_BYTES => {
+                tracing::warn!(
+                    queue = %p,
+                    segment_bytes = n,
+                    "this queue was created by an older switchback with small sled segments: \
+                     sled may keep pages of it in blob files it does not fsync, so a power loss \
+                     could lose queued transactions; give the pipeline a new queue path at its \
+                     next re-seed"
+                );
+                n
+            }
+            _ => SEGMENT_BYTES,
+        };
         let db = sled::Config::new()
             .path(path)
+            // Hidden in sled's docs, but stable in the pinned 0.34.7 (see SLED_INLINE_MAX).
+            .segment_size(segment)
             .cache_capacity(64 * 1024 * 1024)
             .flush_every_ms(Some(500))
             .open()

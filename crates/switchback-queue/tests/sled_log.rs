@@ -524,9 +524,10 @@ fn multi_chunk_transactions_leave_no_chunks_behind() {
     assert_eq!(log.all().unwrap(), vec![]);
 }
 
-/// Ordinary batches stay inside sled's log; a value too large for it (one huge
-/// row) becomes a sled blob file, which the flush fsyncs itself (sled 0.34 does
-/// not), and it reads back whole after a reopen.
+/// Ordinary batches stay inside sled's log, also when sled rewrites a leaf page
+/// holding many of them; a value too large for it (one huge row) becomes a sled
+/// blob file, which the flush fsyncs itself (sled 0.34 does not), and it reads
+/// back whole after a reopen.
 #[test]
 fn batches_stay_in_the_log_and_huge_values_survive_as_blobs() {
     let blobs = |dir: &std::path::Path| {
@@ -536,20 +537,37 @@ fn batches_stay_in_the_log_and_huge_values_survive_as_blobs() {
     };
     let dir = tempdir();
     let mut log = SledLog::open(&dir).unwrap();
-    // Many small transactions: several full batches.
+    // 6 MiB of 1 KiB rows, unacknowledged: about 60 full batches, so leaves fill
+    // up, split and are rewritten whole (with 512 KiB segments this made blobs).
     let mut end = 100;
-    for _ in 0..3000 {
-        commit_one(&mut log, end);
+    for i in 0..6000u32 {
+        let recs = vec![
+            relation(1, 0),
+            Record::Change(Change::Insert {
+                rel: 1,
+                new: vec![Value::Text(vec![b'a' + (i % 26) as u8; 1024])],
+            }),
+        ];
+        let id = log.open();
+        log.append(id, 1, &recs).unwrap();
+        log.commit(id, header(end)).unwrap();
         end += 10;
+        if i % 500 == 0 {
+            futures_block_on(log.flush()).unwrap();
+        }
     }
     futures_block_on(log.flush()).unwrap();
-    assert_eq!(blobs(&dir), 0, "a batch was stored as a blob file");
+    assert_eq!(
+        blobs(&dir),
+        0,
+        "sled stored a page of batches as a blob file"
+    );
 
     let huge = vec![
         relation(1, 0),
         Record::Change(Change::Insert {
             rel: 1,
-            new: vec![Value::Text(vec![b'x'; 300 * 1024])],
+            new: vec![Value::Text(vec![b'x'; 3 * 1024 * 1024])],
         }),
     ];
     let id = log.open();
@@ -558,7 +576,7 @@ fn batches_stay_in_the_log_and_huge_values_survive_as_blobs() {
     futures_block_on(log.flush()).unwrap();
     assert!(
         blobs(&dir) > 0,
-        "a 300 KiB value is expected to be a sled blob"
+        "a 3 MiB value is expected to be a sled blob"
     );
     drop(log);
     let log = reopen(&dir);
