@@ -119,6 +119,8 @@ pub async fn session<Q: QueueWriter + Send>(
         .start_replication(&plan.slot, start, &options)
         .await?;
     tracing::info!(slot = %plan.slot, start = %start, "replication stream started");
+    // A stream starts behind, as a rule: read it in batches (see `batch_reads`).
+    reader.batch_reads();
 
     // The acknowledged position starts at what the queue already holds durably.
     let (ack_tx, ack_rx) = watch::channel(start);
