@@ -66,10 +66,22 @@ pub struct CaptureProgress {
 pub async fn run<Q: QueueWriter + Send>(
     cfg: &Config,
     queue: &mut Q,
-    mut shutdown: watch::Receiver<bool>,
+    shutdown: watch::Receiver<bool>,
     progress: watch::Sender<CaptureProgress>,
 ) -> Result<(), CaptureError> {
     let plan = setup::prepare(cfg).await?;
+    run_prepared(cfg, plan, queue, shutdown, progress).await
+}
+
+/// As [`run`], with the hub already prepared (`run` prepares it while its queue
+/// opens, see [`setup::prepare_after`]).
+pub async fn run_prepared<Q: QueueWriter + Send>(
+    cfg: &Config,
+    plan: setup::Plan,
+    queue: &mut Q,
+    mut shutdown: watch::Receiver<bool>,
+    progress: watch::Sender<CaptureProgress>,
+) -> Result<(), CaptureError> {
     // Gap detection: an empty queue's first transaction follows the slot's position.
     if queue.last_end_lsn().is_none() {
         queue.start_at(plan.slot_start);

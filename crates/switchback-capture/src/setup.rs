@@ -31,6 +31,17 @@ pub async fn prepare(cfg: &Config) -> Result<Plan, CaptureError> {
 /// As [`prepare`]; with `create_slot = false` the slot is left alone (seed creates
 /// it itself, exporting a snapshot).
 pub async fn prepare_with(cfg: &Config, create_slot: bool) -> Result<Plan, CaptureError> {
+    prepare_after(cfg, create_slot, std::future::ready(true)).await
+}
+
+/// As [`prepare_with`], but the hub is only read until `go` resolves: `true` lets
+/// it change the hub (replica identity, publications, slot), `false` stops it
+/// before any change. `run` starts this while its check is still running.
+pub async fn prepare_after(
+    cfg: &Config,
+    create_slot: bool,
+    go: impl std::future::Future<Output = bool>,
+) -> Result<Plan, CaptureError> {
     let hub_cfg = cfg
         .hub_pg()
         .map_err(|e| CaptureError::Setup(e.to_string()))?;
@@ -38,6 +49,11 @@ pub async fn prepare_with(cfg: &Config, create_slot: bool) -> Result<Plan, Captu
     hub::preflight(&session).await?;
     let version = session.server_version().await?;
     let mut tables = hub::list_tables(&session, |s, t| cfg.tables.matches(s, t)).await?;
+    if !go.await {
+        return Err(CaptureError::Setup(
+            "stopped before changing the hub: the check before start failed".into(),
+        ));
+    }
     if cfg.direction == switchback_config::Direction::MemberToHub
         && cfg.cutover.mode == switchback_config::SyncMode::ActiveActive
     {

@@ -267,20 +267,39 @@ async fn run(r: RunArgs) -> anyhow::Result<ExitCode> {
     telemetry::init_metrics(cfg.metrics.listen.as_deref())?;
     let forward_only =
         switchback_cutover::run_directions(&cfg)? == [switchback_config::Direction::HubToMember];
-    // The queue opens (sled recovery, a blocking read) while the check runs.
-    let mut opening =
-        (forward_only && !r.seed && cfg.direction == switchback_config::Direction::HubToMember)
-            .then(|| {
-                let cfg = cfg.clone();
-                tokio::task::spawn_blocking(move || open_queue(&cfg))
-            });
-    if forward_only {
-        check_before_start(&cfg, switchback_mapping::check::Sides::Both).await?;
-        if r.seed {
-            crate::seed::seed_then_run(&cfg, &r.seed_opts).await?;
-        }
+    // The plain forward case starts at once: the queue opens (sled recovery, a
+    // blocking read) and capture reads the hub while the check runs; capture
+    // changes the hub and apply starts only once the check has passed (`go`).
+    let early =
+        forward_only && !r.seed && cfg.direction == switchback_config::Direction::HubToMember;
+    let mut opening = early.then(|| {
+        let cfg = cfg.clone();
+        tokio::task::spawn_blocking(move || open_queue(&cfg))
+    });
+    let (go_tx, go) = watch::channel(None::<bool>);
+    let mut checking = None;
+    let mut preparing = None;
+    if early {
+        let c = cfg.clone();
+        checking = Some(tokio::spawn(async move {
+            let r = check_before_start(&c, switchback_mapping::check::Sides::Both).await;
+            let _ = go_tx.send(Some(r.is_ok()));
+            r
+        }));
+        let (c, go) = (cfg.clone(), go.clone());
+        preparing = Some(tokio::spawn(async move {
+            switchback_capture::setup::prepare_after(&c, true, check_passed(go)).await
+        }));
     } else {
-        anyhow::ensure!(!r.seed, "--seed is only for the hub → member direction");
+        if forward_only {
+            check_before_start(&cfg, switchback_mapping::check::Sides::Both).await?;
+            if r.seed {
+                crate::seed::seed_then_run(&cfg, &r.seed_opts).await?;
+            }
+        } else {
+            anyhow::ensure!(!r.seed, "--seed is only for the hub → member direction");
+        }
+        let _ = go_tx.send(Some(true));
     }
     let shutdown = signals::shutdown_on_signals();
     loop {
@@ -316,8 +335,14 @@ async fn run(r: RunArgs) -> anyhow::Result<ExitCode> {
                 }
                 _ => None,
             };
+            let prepared = if *d == cfg.direction {
+                preparing.take()
+            } else {
+                None
+            };
+            let go = go.clone();
             tasks.push(tokio::spawn(async move {
-                let r = run_direction(dcfg, queue, stop_tx.clone(), stop_rx).await;
+                let r = run_direction(dcfg, queue, prepared, go, stop_tx.clone(), stop_rx).await;
                 if r.is_err() {
                     let _ = stop_tx.send(true);
                 }
@@ -331,6 +356,10 @@ async fn run(r: RunArgs) -> anyhow::Result<ExitCode> {
             }
         }
         watcher.abort();
+        // A failed check explains a stop better than what it stopped.
+        if let Some(c) = checking.take() {
+            c.await.context("the check panicked")??;
+        }
         if let Some(e) = first_err {
             return Err(e);
         }
@@ -341,10 +370,24 @@ async fn run(r: RunArgs) -> anyhow::Result<ExitCode> {
     }
 }
 
+/// Capture's hub preparation, started by `run` before its queue has opened.
+type Prepared = tokio::task::JoinHandle<
+    Result<switchback_capture::setup::Plan, switchback_capture::CaptureError>,
+>;
+
+/// Resolves once `run`'s check before start has finished: whether it passed.
+async fn check_passed(mut go: watch::Receiver<Option<bool>>) -> bool {
+    go.wait_for(Option::is_some)
+        .await
+        .is_ok_and(|v| *v == Some(true))
+}
+
 /// One direction of `run` until `stop_rx` turns true or a half fails.
 async fn run_direction(
     cfg: Config,
     queue: Option<SledLog>,
+    prepared: Option<Prepared>,
+    go: watch::Receiver<Option<bool>>,
     stop_tx: watch::Sender<bool>,
     stop_rx: watch::Receiver<bool>,
 ) -> anyhow::Result<()> {
@@ -373,6 +416,7 @@ async fn run_direction(
         stop_rx.clone(),
     ));
 
+    let apply_go = go.clone();
     let capture = {
         let cfg = cfg.clone();
         let stop_rx = stop_rx.clone();
@@ -380,7 +424,21 @@ async fn run_direction(
         let span = tracing::info_span!("capture", pipeline = %cfg.pipeline.name, direction, slot = %cfg.slot_name());
         tokio::spawn(
             async move {
-                let r = switchback_capture::run(&cfg, &mut writer, stop_rx, cap_tx).await;
+                let r = async {
+                    let plan = match prepared {
+                        Some(p) => p.await.map_err(|e| {
+                            switchback_capture::CaptureError::Setup(format!(
+                                "preparing the hub panicked: {e}"
+                            ))
+                        })??,
+                        None => {
+                            switchback_capture::setup::prepare_after(&cfg, true, check_passed(go))
+                                .await?
+                        }
+                    };
+                    switchback_capture::run_prepared(&cfg, plan, &mut writer, stop_rx, cap_tx).await
+                }
+                .await;
                 if r.is_err() {
                     let _ = stop_tx.send(true);
                 }
@@ -396,6 +454,9 @@ async fn run_direction(
         let span = tracing::info_span!("apply", pipeline = %cfg.pipeline.name, direction, origin = %cfg.origin_name());
         tokio::spawn(
             async move {
+                if !check_passed(apply_go).await {
+                    return Ok(());
+                }
                 let opts = switchback_apply::ApplyOptions {
                     until_empty: false,
                     wake: Some(wake_rx),
