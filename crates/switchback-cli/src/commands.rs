@@ -387,6 +387,7 @@ async fn run_direction(
     cfg: Config,
     queue: Option<SledLog>,
     prepared: Option<Prepared>,
+    // The check before start: apply waits for it to pass.
     go: watch::Receiver<Option<bool>>,
     stop_tx: watch::Sender<bool>,
     stop_rx: watch::Receiver<bool>,
@@ -416,7 +417,6 @@ async fn run_direction(
         stop_rx.clone(),
     ));
 
-    let apply_go = go.clone();
     let capture = {
         let cfg = cfg.clone();
         let stop_rx = stop_rx.clone();
@@ -424,21 +424,26 @@ async fn run_direction(
         let span = tracing::info_span!("capture", pipeline = %cfg.pipeline.name, direction, slot = %cfg.slot_name());
         tokio::spawn(
             async move {
-                let r = async {
-                    let plan = match prepared {
-                        Some(p) => p.await.map_err(|e| {
-                            switchback_capture::CaptureError::Setup(format!(
-                                "preparing the hub panicked: {e}"
-                            ))
-                        })??,
-                        None => {
-                            switchback_capture::setup::prepare_after(&cfg, true, check_passed(go))
-                                .await?
+                let r = match prepared {
+                    Some(p) => match p.await {
+                        Ok(Ok(plan)) => {
+                            switchback_capture::run_prepared(
+                                &cfg,
+                                plan,
+                                &mut writer,
+                                stop_rx,
+                                cap_tx,
+                            )
+                            .await
                         }
-                    };
-                    switchback_capture::run_prepared(&cfg, plan, &mut writer, stop_rx, cap_tx).await
-                }
-                .await;
+                        Ok(Err(e)) => Err(e),
+                        Err(e) => Err(switchback_capture::CaptureError::Setup(format!(
+                            "preparing the hub panicked: {e}"
+                        ))),
+                    },
+                    // The check has passed already (`run` prepares the first direction).
+                    None => switchback_capture::run(&cfg, &mut writer, stop_rx, cap_tx).await,
+                };
                 if r.is_err() {
                     let _ = stop_tx.send(true);
                 }
@@ -454,7 +459,7 @@ async fn run_direction(
         let span = tracing::info_span!("apply", pipeline = %cfg.pipeline.name, direction, origin = %cfg.origin_name());
         tokio::spawn(
             async move {
-                if !check_passed(apply_go).await {
+                if !check_passed(go).await {
                     return Ok(());
                 }
                 let opts = switchback_apply::ApplyOptions {
