@@ -379,9 +379,7 @@ fn unchanged_relations_are_elided_and_restored() {
     let mut want = Vec::new();
     for i in 0..6u32 {
         let recs = vec![relation(1, i / 3), rec(i, 1), relation(2, 0), rec(i, 2)];
-        let id = log.open();
-        log.append(id, 1, &recs).unwrap();
-        let seq = log.commit(id, header(100 + u64::from(i) * 10)).unwrap();
+        let seq = commit_records(&mut log, &recs, 100 + u64::from(i) * 10);
         want.push((seq, recs));
     }
     let size_first = log.all().unwrap()[0].header.bytes;
@@ -408,9 +406,14 @@ fn unchanged_relations_are_elided_and_restored() {
 
 fn commit_one(log: &mut SledLog, end: u64) -> (u64, Vec<Record>) {
     let recs = vec![relation(1, 0), rec(end as u32, 1)];
+    (commit_records(log, &recs, end), recs)
+}
+
+/// Commits one transaction holding `recs`; returns its seq.
+fn commit_records(log: &mut SledLog, recs: &[Record], end: u64) -> u64 {
     let id = log.open();
-    log.append(id, 1, &recs).unwrap();
-    (log.commit(id, header(end)).unwrap(), recs)
+    log.append(id, 1, recs).unwrap();
+    log.commit(id, header(end)).unwrap()
 }
 
 fn read(log: &SledLog, seq: u64) -> Option<Vec<Record>> {
@@ -548,9 +551,7 @@ fn batches_stay_in_the_log_and_huge_values_survive_as_blobs() {
                 new: vec![Value::Text(vec![b'a' + (i % 26) as u8; 1024])],
             }),
         ];
-        let id = log.open();
-        log.append(id, 1, &recs).unwrap();
-        log.commit(id, header(end)).unwrap();
+        commit_records(&mut log, &recs, end);
         end += 10;
         if i % 500 == 0 {
             futures_block_on(log.flush()).unwrap();
@@ -570,9 +571,7 @@ fn batches_stay_in_the_log_and_huge_values_survive_as_blobs() {
             new: vec![Value::Text(vec![b'x'; 3 * 1024 * 1024])],
         }),
     ];
-    let id = log.open();
-    log.append(id, 1, &huge).unwrap();
-    let seq = log.commit(id, header(end)).unwrap();
+    let seq = commit_records(&mut log, &huge, end);
     futures_block_on(log.flush()).unwrap();
     assert!(
         blobs(&dir) > 0,
