@@ -198,7 +198,6 @@ fn describe(e: &tokio_postgres::Error) -> String {
 
 /// Checks the pipeline: every problem is collected, none stops the check.
 pub async fn check(cfg: &Config, sides: Sides) -> Report {
-    let mut r = Report::default();
     // The member connection is set up while the hub is checked.
     let member = async {
         if sides == Sides::Both {
@@ -215,10 +214,8 @@ pub async fn check(cfg: &Config, sides: Sides) -> Report {
         }
         r
     };
-    let (hub_report, member) = futures_util::future::join(hub, member).await;
-    r.problems = hub_report.problems;
-    r.notes = hub_report.notes;
-    r.tables = hub_report.tables;
+    // The hub's report goes on with the member's findings.
+    let (mut r, member) = futures_util::future::join(hub, member).await;
     if let Some(member) = member {
         match member {
             Ok(m) => {
