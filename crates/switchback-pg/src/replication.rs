@@ -52,36 +52,55 @@ pub struct FrameWriter {
 const READ_CHUNK: usize = 256 * 1024;
 
 /// How many bytes must be queued on the socket before a streaming read wakes up
-/// (`SO_RCVLOWAT`), and how long a read waits for them before it takes what is
-/// there.
+/// (`SO_RCVLOWAT`), and how a read that finds fewer decides whether to wait on.
 ///
 /// A walsender sends each pgoutput message on its own. A reader that wakes for
 /// each one costs the walsender a wake-up per message (on one host, also the
 /// receive path) and costs itself a read call per message. Waking per 64 KiB
-/// instead cuts both, while a quiet stream adds at most [`BATCH_WAIT`] of
-/// latency to a change (then reads wake per message again until the next read
-/// finds a backlog).
+/// instead cuts both.
+///
+/// A streaming read waits [`BATCH_TICK`] at a time. When a tick ends without the
+/// 64 KiB, the bytes queued on the socket (`FIONREAD`) tell what to do: while at
+/// least [`BATCH_FLOWING`] more arrived during the tick, the stream is flowing
+/// (a backlog drains) and the read waits another tick, for [`BATCH_MAX_WAIT`] at
+/// most; otherwise the stream is quiet and the read takes what is there. A quiet
+/// stream so adds at most one tick of latency to a change, a flowing one at
+/// most [`BATCH_MAX_WAIT`].
 const BATCH_BYTES: i32 = 64 * 1024;
-const BATCH_WAIT: Duration = Duration::from_millis(1);
+const BATCH_TICK: Duration = Duration::from_millis(1);
+const BATCH_FLOWING: i32 = BATCH_BYTES / 16;
+const BATCH_MAX_WAIT: Duration = Duration::from_millis(8);
 
 /// A TCP socket's receive low-water mark, as last set.
 struct LowWater {
     #[cfg(unix)]
     fd: std::os::fd::RawFd,
-    batching: bool,
+    /// Streaming: reads wait for [`BATCH_BYTES`] (see [`FrameReader::batch_reads`]).
+    streaming: bool,
+    /// The `SO_RCVLOWAT` now in effect.
+    lowat: i32,
 }
 
 impl LowWater {
+    fn new(#[cfg(unix)] fd: std::os::fd::RawFd) -> LowWater {
+        LowWater {
+            #[cfg(unix)]
+            fd,
+            streaming: false,
+            lowat: 1,
+        }
+    }
+
     /// Sets `SO_RCVLOWAT`; Linux signals readability at once if enough is queued.
     /// A failure only costs the batching, so it is logged, not returned.
-    fn set(&mut self, batching: bool) {
-        if self.batching == batching {
+    fn set(&mut self, lowat: i32) {
+        if self.lowat == lowat {
             return;
         }
-        self.batching = batching;
+        self.lowat = lowat;
         #[cfg(unix)]
         {
-            let v: libc::c_int = if batching { BATCH_BYTES } else { 1 };
+            let v: libc::c_int = lowat;
             // SAFETY: `fd` is the open socket owned by the reader's stream half (it
             // lives as long as this reader); the option value is a c_int of the
             // size passed.
@@ -99,6 +118,20 @@ impl LowWater {
             }
         }
     }
+
+    /// Bytes queued on the socket and not read yet (0 if unknown).
+    fn queued(&self) -> i32 {
+        #[cfg(unix)]
+        {
+            let mut n: libc::c_int = 0;
+            // SAFETY: as in `set`; FIONREAD writes one c_int.
+            let r = unsafe { libc::ioctl(self.fd, libc::FIONREAD, &mut n as *mut libc::c_int) };
+            if r == 0 {
+                return n;
+            }
+        }
+        0
+    }
 }
 
 impl FrameReader {
@@ -111,10 +144,10 @@ impl FrameReader {
         }
     }
 
-    /// Streaming mode: reads wait for [`BATCH_BYTES`] (or [`BATCH_WAIT`]).
+    /// Streaming mode: reads wait for [`BATCH_BYTES`] while the stream flows.
     pub fn batch_reads(&mut self) {
         if let Some(t) = self.tcp.as_mut() {
-            t.set(true);
+            t.streaming = true;
         }
     }
 
@@ -164,13 +197,25 @@ impl FrameReader {
             self.buf.reserve(READ_CHUNK);
         }
         let r = match self.tcp.as_mut() {
-            Some(t) if t.batching => {
-                match tokio::time::timeout(BATCH_WAIT, self.inner.read_buf(&mut self.buf)).await {
-                    Ok(r) => r,
-                    Err(_) => {
-                        // A quiet stream: take what is there, and whatever comes next.
-                        t.set(false);
-                        self.inner.read_buf(&mut self.buf).await
+            Some(t) if t.streaming => {
+                t.set(BATCH_BYTES);
+                let mut waited = Duration::ZERO;
+                let mut seen = 0;
+                loop {
+                    match tokio::time::timeout(BATCH_TICK, self.inner.read_buf(&mut self.buf)).await
+                    {
+                        Ok(r) => break r,
+                        Err(_) => {
+                            waited += BATCH_TICK;
+                            let queued = t.queued();
+                            if queued - seen >= BATCH_FLOWING && waited < BATCH_MAX_WAIT {
+                                seen = queued;
+                                continue;
+                            }
+                            // Quiet (or waited long enough): take what is there.
+                            t.set(1);
+                            break self.inner.read_buf(&mut self.buf).await;
+                        }
                     }
                 }
             }
@@ -181,15 +226,7 @@ impl FrameReader {
                 endpoint: self.endpoint.clone(),
                 source: std::io::ErrorKind::UnexpectedEof.into(),
             }),
-            Ok(n) => {
-                // A read that found a backlog: batch again.
-                if n >= BATCH_BYTES as usize {
-                    if let Some(t) = self.tcp.as_mut() {
-                        t.set(true);
-                    }
-                }
-                Ok(())
-            }
+            Ok(_) => Ok(()),
             Err(source) => Err(PgError::Io {
                 endpoint: self.endpoint.clone(),
                 source,
@@ -361,11 +398,10 @@ impl ReplicationClient {
                 .map_err(|_| conn_err(std::io::ErrorKind::TimedOut.into()))?
                 .map_err(conn_err)?;
                 s.set_nodelay(true).ok();
-                let tcp = LowWater {
+                let tcp = LowWater::new(
                     #[cfg(unix)]
-                    fd: std::os::fd::AsRawFd::as_raw_fd(&s),
-                    batching: false,
-                };
+                    std::os::fd::AsRawFd::as_raw_fd(&s),
+                );
                 let (r, w) = s.into_split();
                 (Box::new(r), Box::new(w), Some(tcp))
             }
