@@ -130,44 +130,78 @@ pub struct ApplyOptions {
     pub wake: Option<watch::Receiver<()>>,
 }
 
+/// A member session ready to apply: connected, replication origin bound, the
+/// member's progress read.
+pub struct Connected {
+    applier: Applier,
+    conn_task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Connected {
+    fn drop(&mut self) {
+        self.conn_task.abort();
+    }
+}
+
+/// Connects the apply session to the member (`run` does it while its queue
+/// opens; [`run_connected`] then starts with it).
+pub async fn connect(cfg: &Config) -> Result<Connected, ApplyError> {
+    let member_cfg = cfg
+        .member_pg()
+        .map_err(|e| ApplyError::Config(e.to_string()))?;
+    let (client, conn) = member_cfg
+        .connect(tokio_postgres::NoTls)
+        .await
+        .map_err(ApplyError::member)?;
+    let conn_task = tokio::spawn(async move {
+        if let Err(e) = conn.await {
+            tracing::debug!(error = %e, "member connection ended");
+        }
+    });
+    let applier = Applier::start(cfg, client).await?;
+    Ok(Connected { applier, conn_task })
+}
+
 /// Runs apply until shutdown (or until the queue is empty with `until_empty`).
 /// Transient member errors reconnect with backoff; definite ones stop with a clear
 /// error and leave the queue as it is.
 pub async fn run<R: QueueReader + Sync>(
     cfg: &Config,
     queue: &R,
+    shutdown: watch::Receiver<bool>,
+    opts: ApplyOptions,
+    status: watch::Sender<ApplyStatus>,
+) -> Result<(), ApplyError> {
+    run_connected(cfg, None, queue, shutdown, opts, status).await
+}
+
+/// As [`run`], starting with the session `early` if there is one.
+pub async fn run_connected<R: QueueReader + Sync>(
+    cfg: &Config,
+    mut early: Option<Connected>,
+    queue: &R,
     mut shutdown: watch::Receiver<bool>,
     mut opts: ApplyOptions,
     status: watch::Sender<ApplyStatus>,
 ) -> Result<(), ApplyError> {
-    let member_cfg = cfg
-        .member_pg()
-        .map_err(|e| ApplyError::Config(e.to_string()))?;
     let mut backoff = Duration::from_millis(100);
     loop {
         if *shutdown.borrow() {
             return Ok(());
         }
         let res = async {
-            let (client, conn) = member_cfg
-                .connect(tokio_postgres::NoTls)
-                .await
-                .map_err(ApplyError::member)?;
-            let conn_task = tokio::spawn(async move {
-                if let Err(e) = conn.await {
-                    tracing::debug!(error = %e, "member connection ended");
-                }
-            });
-            let mut applier = Applier::start(cfg, client).await?;
+            let mut session = match early.take() {
+                Some(s) => s,
+                None => connect(cfg).await?,
+            };
+            let applier = &mut session.applier;
             status.send_modify(|s| {
                 s.connected = true;
                 s.last_applied_lsn = Some(applier.progress.to_string());
             });
-            let r = applier
+            applier
                 .follow(queue, &mut shutdown, &mut opts, &status)
-                .await;
-            conn_task.abort();
-            r
+                .await
         }
         .await;
         match res {

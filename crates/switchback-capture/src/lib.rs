@@ -70,14 +70,16 @@ pub async fn run<Q: QueueWriter + Send>(
     progress: watch::Sender<CaptureProgress>,
 ) -> Result<(), CaptureError> {
     let plan = setup::prepare(cfg).await?;
-    run_prepared(cfg, plan, queue, shutdown, progress).await
+    run_prepared(cfg, plan, None, queue, shutdown, progress).await
 }
 
-/// As [`run`], with the hub already prepared (`run` prepares it while its queue
-/// opens, see [`setup::prepare_after`]).
+/// As [`run`], with the hub already prepared and perhaps the stream started
+/// (`run` does both while its queue opens, see [`setup::prepare_after`] and
+/// [`stream::start`]).
 pub async fn run_prepared<Q: QueueWriter + Send>(
     cfg: &Config,
     plan: setup::Plan,
+    mut early: Option<stream::Started>,
     queue: &mut Q,
     mut shutdown: watch::Receiver<bool>,
     progress: watch::Sender<CaptureProgress>,
@@ -92,7 +94,7 @@ pub async fn run_prepared<Q: QueueWriter + Send>(
             return Ok(());
         }
         let started = std::time::Instant::now();
-        match stream::session(cfg, &plan, queue, &mut shutdown, &progress).await {
+        match stream::session(cfg, &plan, early.take(), queue, &mut shutdown, &progress).await {
             Ok(()) => return Ok(()),
             Err(e) if e.class() == ErrorClass::Transient => {
                 progress.send_modify(|p| p.connected = false);

@@ -16,7 +16,7 @@ use std::time::Duration;
 use switchback_config::Config;
 use switchback_core::{metric, Lsn};
 use switchback_pg::hub;
-use switchback_pg::replication::{ReplicationClient, StreamEvent};
+use switchback_pg::replication::{FrameReader, FrameWriter, ReplicationClient, StreamEvent};
 use switchback_pg::PgError;
 use switchback_pgoutput::{decode_frame, Decoder, ReplicationFrame};
 use switchback_queue::{BackgroundFlush, QueueError, QueueWriter};
@@ -59,13 +59,27 @@ fn advance_ack(
     }
 }
 
-pub async fn session<Q: QueueWriter + Send>(
-    cfg: &Config,
-    plan: &Plan,
-    queue: &mut Q,
-    shutdown: &mut watch::Receiver<bool>,
-    progress: &watch::Sender<CaptureProgress>,
-) -> Result<(), CaptureError> {
+/// A replication stream started and not read yet.
+pub struct Started {
+    reader: FrameReader,
+    writer: FrameWriter,
+    /// How often the status task reports at least (a third of wal_sender_timeout).
+    status_interval: Duration,
+    from: Lsn,
+}
+
+impl Started {
+    /// Where the stream starts.
+    pub fn from(&self) -> Lsn {
+        self.from
+    }
+}
+
+/// Connects to the hub and starts the replication stream at `from`, before any
+/// of it is read: `run` starts it from the slot's position while its queue
+/// still opens, so the walsender decodes meanwhile (the session then drops
+/// what the queue already holds, see [`Assembler`]).
+pub async fn start(cfg: &Config, plan: &Plan, from: Lsn) -> Result<Started, CaptureError> {
     let hub_cfg = cfg
         .hub_pg()
         .map_err(|e| CaptureError::Setup(e.to_string()))?;
@@ -87,8 +101,6 @@ pub async fn session<Q: QueueWriter + Send>(
     if timeout_ms > 0 {
         status_interval = status_interval.min(Duration::from_millis((timeout_ms / 3).max(10)));
     }
-
-    let start = queue.last_end_lsn().unwrap_or(Lsn::ZERO);
     let mut options = vec![
         ("proto_version", format!("'{}'", plan.proto_version)),
         (
@@ -115,12 +127,38 @@ pub async fn session<Q: QueueWriter + Send>(
         // the Origin message is filtered here instead (see `Assembler::with_echo_filter`).
         options.push(("origin", "'none'".into()));
     }
-    let (mut reader, mut writer) = client
-        .start_replication(&plan.slot, start, &options)
-        .await?;
-    tracing::info!(slot = %plan.slot, start = %start, "replication stream started");
+    let (mut reader, writer) = client.start_replication(&plan.slot, from, &options).await?;
+    tracing::info!(slot = %plan.slot, start = %from, "replication stream started");
     // A stream starts behind, as a rule: read it in batches (see `batch_reads`).
     reader.batch_reads();
+    Ok(Started {
+        reader,
+        writer,
+        status_interval,
+        from,
+    })
+}
+
+/// Streams into `queue` until shutdown or an error; `started` is a stream
+/// already started (otherwise one starts at what the queue holds).
+pub async fn session<Q: QueueWriter + Send>(
+    cfg: &Config,
+    plan: &Plan,
+    started: Option<Started>,
+    queue: &mut Q,
+    shutdown: &mut watch::Receiver<bool>,
+    progress: &watch::Sender<CaptureProgress>,
+) -> Result<(), CaptureError> {
+    let start = queue.last_end_lsn().unwrap_or(Lsn::ZERO);
+    let Started {
+        mut reader,
+        mut writer,
+        status_interval,
+        ..
+    } = match started {
+        Some(s) => s,
+        None => self::start(cfg, plan, start).await?,
+    };
 
     // The acknowledged position starts at what the queue already holds durably.
     let (ack_tx, ack_rx) = watch::channel(start);

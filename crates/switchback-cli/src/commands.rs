@@ -279,6 +279,7 @@ async fn run(r: RunArgs) -> anyhow::Result<ExitCode> {
     let (go_tx, go) = watch::channel(None::<bool>);
     let mut checking = None;
     let mut preparing = None;
+    let mut connecting = None;
     if early {
         let c = cfg.clone();
         checking = Some(tokio::spawn(async move {
@@ -286,9 +287,30 @@ async fn run(r: RunArgs) -> anyhow::Result<ExitCode> {
             let _ = go_tx.send(Some(r.is_ok()));
             r
         }));
-        let (c, go) = (cfg.clone(), go.clone());
+        let (c, passed) = (cfg.clone(), go.clone());
         preparing = Some(tokio::spawn(async move {
-            switchback_capture::setup::prepare_after(&c, true, check_passed(go)).await
+            let plan =
+                switchback_capture::setup::prepare_after(&c, true, check_passed(passed)).await?;
+            // The stream starts too, from the slot's position: the walsender
+            // decodes while the queue still opens. Failing here only means the
+            // session starts its own stream (and reports what fails then).
+            let started = switchback_capture::stream::start(&c, &plan, plan.slot_start)
+                .await
+                .inspect_err(|e| tracing::debug!(error = %e, "early stream start failed"))
+                .ok();
+            Ok((plan, started))
+        }));
+        // Apply's member session connects meanwhile too, once the check has passed
+        // (a failure here is retried by apply itself).
+        let (c, passed) = (cfg.clone(), go.clone());
+        connecting = Some(tokio::spawn(async move {
+            if !check_passed(passed).await {
+                return None;
+            }
+            switchback_apply::connect(&c)
+                .await
+                .inspect_err(|e| tracing::debug!(error = %e, "early apply connect failed"))
+                .ok()
         }));
     } else {
         if forward_only {
@@ -335,14 +357,18 @@ async fn run(r: RunArgs) -> anyhow::Result<ExitCode> {
                 }
                 _ => None,
             };
-            let prepared = if *d == cfg.direction {
-                preparing.take()
+            let (prepared, connected) = if *d == cfg.direction {
+                (preparing.take(), connecting.take())
             } else {
-                None
+                (None, None)
             };
             let go = go.clone();
             tasks.push(tokio::spawn(async move {
-                let r = run_direction(dcfg, queue, prepared, go, stop_tx.clone(), stop_rx).await;
+                let early = Early {
+                    prepared,
+                    connected,
+                };
+                let r = run_direction(dcfg, queue, early, go, stop_tx.clone(), stop_rx).await;
                 if r.is_err() {
                     let _ = stop_tx.send(true);
                 }
@@ -370,10 +396,23 @@ async fn run(r: RunArgs) -> anyhow::Result<ExitCode> {
     }
 }
 
-/// Capture's hub preparation, started by `run` before its queue has opened.
+/// Capture's hub preparation and its stream, started by `run` before its queue
+/// has opened.
 type Prepared = tokio::task::JoinHandle<
-    Result<switchback_capture::setup::Plan, switchback_capture::CaptureError>,
+    Result<
+        (
+            switchback_capture::setup::Plan,
+            Option<switchback_capture::stream::Started>,
+        ),
+        switchback_capture::CaptureError,
+    >,
 >;
+
+/// What `run` starts for its first direction while the queue opens.
+struct Early {
+    prepared: Option<Prepared>,
+    connected: Option<tokio::task::JoinHandle<Option<switchback_apply::Connected>>>,
+}
 
 /// Resolves once `run`'s check before start has finished: whether it passed.
 async fn check_passed(mut go: watch::Receiver<Option<bool>>) -> bool {
@@ -386,7 +425,7 @@ async fn check_passed(mut go: watch::Receiver<Option<bool>>) -> bool {
 async fn run_direction(
     cfg: Config,
     queue: Option<SledLog>,
-    prepared: Option<Prepared>,
+    early: Early,
     // The check before start: apply waits for it to pass.
     go: watch::Receiver<Option<bool>>,
     stop_tx: watch::Sender<bool>,
@@ -424,12 +463,13 @@ async fn run_direction(
         let span = tracing::info_span!("capture", pipeline = %cfg.pipeline.name, direction, slot = %cfg.slot_name());
         tokio::spawn(
             async move {
-                let r = match prepared {
+                let r = match early.prepared {
                     Some(p) => match p.await {
-                        Ok(Ok(plan)) => {
+                        Ok(Ok((plan, started))) => {
                             switchback_capture::run_prepared(
                                 &cfg,
                                 plan,
+                                started,
                                 &mut writer,
                                 stop_rx,
                                 cap_tx,
@@ -466,7 +506,14 @@ async fn run_direction(
                     until_empty: false,
                     wake: Some(wake_rx),
                 };
-                let r = switchback_apply::run(&cfg, &reader, stop_rx, opts, apply_tx).await;
+                let connected = match early.connected {
+                    Some(c) => c.await.ok().flatten(),
+                    None => None,
+                };
+                let r = switchback_apply::run_connected(
+                    &cfg, connected, &reader, stop_rx, opts, apply_tx,
+                )
+                .await;
                 if r.is_err() {
                     let _ = stop_tx.send(true);
                 }
