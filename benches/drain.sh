@@ -17,6 +17,8 @@
 # which bounds every consumer.
 set -euo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)
+# A directory of its own: the EXIT trap removes it (an inherited SB_ROOT would go too).
+SB_ROOT=$(mktemp -d /tmp/switchback.XXXXXX)
 source "$here/scripts/cluster.sh"
 TXNS=${TXNS:-20000} SCALE=${SCALE:-10} RUNS=${RUNS:-1} KAFKA=${KAFKA:-0}
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$HOME/.cache/switchback-target}

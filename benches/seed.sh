@@ -18,6 +18,8 @@
 # (below 1: switchback is faster). Every copy is checked against the hub.
 set -euo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)
+# A directory of its own: the EXIT trap removes it (an inherited SB_ROOT would go too).
+SB_ROOT=$(mktemp -d /tmp/switchback.XXXXXX)
 source "$here/scripts/cluster.sh"
 SCALE=${SCALE:-10} JOBS=${JOBS:-2} RUNS=${RUNS:-1}
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$HOME/.cache/switchback-target}
