@@ -65,14 +65,6 @@ pub struct Started {
     writer: FrameWriter,
     /// How often the status task reports at least (a third of wal_sender_timeout).
     status_interval: Duration,
-    from: Lsn,
-}
-
-impl Started {
-    /// Where the stream starts.
-    pub fn from(&self) -> Lsn {
-        self.from
-    }
 }
 
 /// Connects to the hub and starts the replication stream at `from`, before any
@@ -135,7 +127,6 @@ pub async fn start(cfg: &Config, plan: &Plan, from: Lsn) -> Result<Started, Capt
         reader,
         writer,
         status_interval,
-        from,
     })
 }
 
@@ -154,7 +145,6 @@ pub async fn session<Q: QueueWriter + Send>(
         mut reader,
         mut writer,
         status_interval,
-        ..
     } = match started {
         Some(s) => s,
         None => self::start(cfg, plan, start).await?,
