@@ -120,6 +120,22 @@ pub fn open_queue(cfg: &Config) -> anyhow::Result<SledLog> {
     Ok(log)
 }
 
+/// After a clean stop, once every handle of the queue is dropped: lets sled
+/// record where its log ends, so the next start does not replay it (see
+/// [`SledLog::checkpoint_closed`]).
+fn checkpoint_queue(cfg: &Config) {
+    if cfg.queue.kind != QueueKind::Sled {
+        return;
+    }
+    let started = std::time::Instant::now();
+    match SledLog::checkpoint_closed(&cfg.queue.path) {
+        Ok(()) => {
+            tracing::debug!(took = ?started.elapsed(), "queue checkpointed for the next start")
+        }
+        Err(e) => tracing::debug!(error = %e, "queue not checkpointed"),
+    }
+}
+
 /// The Kafka settings of the hub → member direction.
 pub fn kafka_options(cfg: &Config) -> anyhow::Result<KafkaOptions> {
     Ok(KafkaOptions {
@@ -145,7 +161,9 @@ async fn capture(c: ConfigArg) -> anyhow::Result<ExitCode> {
     }
     let queue = open_queue(&cfg)?;
     let reader: Arc<dyn QueueReader + Send + Sync> = Arc::new(queue.clone());
-    capture_with(cfg, queue, Some(reader)).await
+    let code = capture_with(cfg.clone(), queue, Some(reader)).await?;
+    checkpoint_queue(&cfg);
+    Ok(code)
 }
 
 async fn capture_with<Q: switchback_queue::QueueWriter + Send>(
@@ -390,6 +408,9 @@ async fn run(r: RunArgs) -> anyhow::Result<ExitCode> {
             return Err(e);
         }
         if *shutdown.borrow() {
+            for d in &dirs {
+                checkpoint_queue(&cfg.for_direction(*d));
+            }
             tracing::info!("stopped cleanly");
             return Ok(ExitCode::SUCCESS);
         }
@@ -549,7 +570,9 @@ async fn apply(a: ApplyArgs) -> anyhow::Result<ExitCode> {
         return apply_with(a, cfg, Arc::new(reader)).await;
     }
     let reader = open_queue(&cfg)?;
-    apply_with(a, cfg, Arc::new(reader)).await
+    let code = apply_with(a, cfg.clone(), Arc::new(reader)).await?;
+    checkpoint_queue(&cfg);
+    Ok(code)
 }
 
 async fn apply_with<R: QueueReader + Send + Sync + 'static>(

@@ -581,3 +581,56 @@ fn batches_stay_in_the_log_and_huge_values_survive_as_blobs() {
     let log = reopen(&dir);
     assert_eq!(read(&log, seq).as_ref(), Some(&huge));
 }
+
+/// The name of sled's newest snapshot file (`snap.<lsn in hex>`).
+fn newest_snapshot(dir: &std::path::Path) -> Option<String> {
+    std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with("snap.") && !n.ends_with(".generating"))
+        .max()
+}
+
+/// After a clean stop, `checkpoint_closed` makes sled record a snapshot at the
+/// end of its log (so the next open replays nothing), and the queue keeps every
+/// transaction, its acknowledgement and its continuity.
+#[test]
+fn checkpoint_after_close_moves_the_snapshot_and_keeps_the_queue() {
+    let dir = tempdir();
+    let mut log = SledLog::open(&dir).unwrap();
+    let mut want = Vec::new();
+    for i in 0..300u64 {
+        want.push(commit_one(&mut log, 100 + i * 10));
+    }
+    futures_block_on(log.flush()).unwrap();
+    log.ack(want[99].0).unwrap();
+    let before = newest_snapshot(&dir);
+    drop(log);
+    let start = Instant::now();
+    loop {
+        match SledLog::checkpoint_closed(&dir) {
+            Ok(()) => break,
+            Err(switchback_queue::QueueError::Locked { .. })
+                if start.elapsed() < Duration::from_secs(30) =>
+            {
+                std::thread::yield_now()
+            }
+            Err(e) => panic!("checkpoint: {e}"),
+        }
+    }
+    let after = newest_snapshot(&dir);
+    assert!(
+        after > before,
+        "no newer snapshot: {before:?} then {after:?}"
+    );
+    let log = reopen(&dir);
+    assert_eq!(
+        newest_snapshot(&dir),
+        after,
+        "the open after a checkpoint replayed log"
+    );
+    for (seq, recs) in &want[100..] {
+        assert_eq!(read(&log, *seq).as_ref(), Some(recs), "seq {seq}");
+    }
+    assert_eq!(log.acked().unwrap(), Some(want[99].0));
+}
