@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Drain benchmark: the same backlog of pgbench -N transactions is drained by
 # PostgreSQL's native subscription and by `switchback run`, side by side on the
-# same throwaway clusters, in one invocation. Prints both times and the ratio.
+# same throwaway clusters (one hub; one member cluster per consumer, set up
+# alike), in one invocation. Prints both times and the ratio.
 #
 #   benches/drain.sh                 # TXNS=20000 SCALE=10 RUNS=1
 #   TXNS=20000 RUNS=3 benches/drain.sh
@@ -24,31 +25,39 @@ TXNS=${TXNS:-20000} SCALE=${SCALE:-10} RUNS=${RUNS:-1} KAFKA=${KAFKA:-0}
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$HOME/.cache/switchback-target}
 (cd "$here" && cargo build --release -q -p switchback-cli)
 SB=$CARGO_TARGET_DIR/release/switchback
-HP=$(free_port); MP=$(free_port)
-trap 'kill $(jobs -p) 2>/dev/null || true; cluster_destroy hub; cluster_destroy member; rm -rf "$SB_ROOT"' EXIT
-# 1 GB of shared buffers: the member holds two or three copies of the pgbench tables, and
-# with less they evict each other, which penalises whichever consumer drains second.
-cluster_start hub "$HP" "shared_buffers = 1GB" "autovacuum = off"
-cluster_start member "$MP" "shared_buffers = 1GB" "autovacuum = off"
+HP=$(free_port)
 DBS="native sb"
+[ "$KAFKA" = 1 ] && DBS="native sb kf"
+trap 'kill $(jobs -p) 2>/dev/null || true; cluster_destroy hub; for db in $DBS; do cluster_destroy "member_$db"; done; rm -rf "$SB_ROOT"' EXIT
+cluster_start hub "$HP" "shared_buffers = 1GB" "autovacuum = off"
+# Each consumer writes into a member cluster of its own, all set up alike: in a
+# shared one, the WAL flushes, checkpoints and buffer evictions one drain causes
+# land in the next drain's time.
+declare -A MPORT
+for db in $DBS; do
+  MPORT[$db]=$(free_port)
+  cluster_start "member_$db" "${MPORT[$db]}" "shared_buffers = 1GB" "autovacuum = off"
+done
 if [ "$KAFKA" = 1 ]; then
   KP=$(free_port)
   TANSU=$(command -v tansu || echo "$HOME/.cargo/bin/tansu")
   "$TANSU" broker --listener-url "tcp://127.0.0.1:$KP" --advertised-listener-url "tcp://127.0.0.1:$KP" \
     --storage-engine memory://tansu/ >"$SB_ROOT/tansu.log" 2>&1 &
   until (exec 3<>"/dev/tcp/127.0.0.1/$KP") 2>/dev/null; do sleep 0.1; done
-  DBS="native sb kf"
 fi
 # The server's own psql (Debian's wrapper is a Perl script: its start-up would steal
 # CPU from the drain being measured on a small machine).
 H() { "$PG_BIN/psql" -h 127.0.0.1 -p "$HP" -U postgres -X -q -v ON_ERROR_STOP=1 "$@"; }
-M() { "$PG_BIN/psql" -h 127.0.0.1 -p "$MP" -U postgres -X -q -v ON_ERROR_STOP=1 "$@"; }
+M() { # -d DB ...: the member cluster of that consumer
+  local db=$2; shift 2
+  "$PG_BIN/psql" -h 127.0.0.1 -p "${MPORT[$db]}" -U postgres -X -q -v ON_ERROR_STOP=1 -d "$db" "$@"
+}
 now() { date +%s.%N; }
 
 "$PG_BIN/pgbench" -h 127.0.0.1 -p "$HP" -U postgres -i -s "$SCALE" -q postgres >/dev/null 2>&1
 H -c "alter table pgbench_history add column hid bigserial primary key"
 for db in $DBS; do
-  M -c "create database $db"
+  "$PG_BIN/psql" -h 127.0.0.1 -p "${MPORT[$db]}" -U postgres -X -q -v ON_ERROR_STOP=1 -c "create database $db"
   "$PG_BIN/pg_dump" -h 127.0.0.1 -p "$HP" -U postgres postgres | M -d "$db" >/dev/null
 done
 H -c "create publication native_pub for all tables"
@@ -57,7 +66,7 @@ cat > "$SB_ROOT/sb.toml" <<TOML
 [hub]
 url = "postgres://postgres@127.0.0.1:$HP/postgres"
 [member]
-url = "postgres://postgres@127.0.0.1:$MP/sb"
+url = "postgres://postgres@127.0.0.1:${MPORT[sb]}/sb"
 [pipeline]
 name = "bench"
 [queue]
@@ -74,7 +83,7 @@ if [ "$KAFKA" = 1 ]; then
 [hub]
 url = "postgres://postgres@127.0.0.1:$HP/postgres"
 [member]
-url = "postgres://postgres@127.0.0.1:$MP/kf"
+url = "postgres://postgres@127.0.0.1:${MPORT[kf]}/kf"
 [pipeline]
 name = "benchk"
 [queue]
