@@ -5,7 +5,6 @@
 //! `<queue.path>.status.json` every second; `status` reads it and adds what it can
 //! ask the databases itself (slot lag on the hub, progress on the member).
 
-use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::{Duration, SystemTime};
@@ -132,9 +131,10 @@ fn snapshot(
 fn write_atomic(path: &PathBuf, st: &ProcessStatus) {
     let tmp = path.with_extension("json.tmp");
     let res = (|| -> std::io::Result<()> {
-        let mut f = std::fs::File::create(&tmp)?;
-        serde_json::to_writer_pretty(&mut f, st)?;
-        f.write_all(b"\n")?;
+        // One write: serde_json on a File issues a syscall per token.
+        let mut buf = serde_json::to_vec_pretty(st)?;
+        buf.push(b'\n');
+        std::fs::write(&tmp, buf)?;
         std::fs::rename(&tmp, path)
     })();
     if let Err(e) = res {
