@@ -250,8 +250,8 @@ impl Assembler {
                 id
             }
         };
-        q.append(id, t.buf_subxid, &t.buf)?;
-        t.buf.clear();
+        let records = std::mem::replace(&mut t.buf, Vec::with_capacity(8));
+        q.append_owned(id, t.buf_subxid, records)?;
         t.buf_bytes = 0;
         Ok(())
     }

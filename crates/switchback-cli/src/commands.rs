@@ -452,10 +452,12 @@ async fn run_direction(
     stop_tx: watch::Sender<bool>,
     stop_rx: watch::Receiver<bool>,
 ) -> anyhow::Result<()> {
+    // Apply runs in this process: it takes capture's records as they were.
     let mut writer = match queue {
         Some(q) => q,
         None => open_queue(&cfg)?,
-    };
+    }
+    .keep_decoded();
     let reader = writer.clone();
     let direction = cfg.direction.as_str();
     let (cap_tx, cap_rx) = watch::channel(switchback_capture::CaptureProgress::default());

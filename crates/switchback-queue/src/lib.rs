@@ -104,6 +104,16 @@ pub trait QueueWriter {
     /// Appends records to an open transaction. `subxid` tags them so that a
     /// sub-transaction abort can drop exactly its own (use the top xid otherwise).
     fn append(&mut self, id: OpenId, subxid: u32, records: &[Record]) -> Result<(), QueueError>;
+    /// As [`append`](Self::append), handing the records over: a queue may keep
+    /// them for a reader of this process (see `SledLog::keep_decoded`).
+    fn append_owned(
+        &mut self,
+        id: OpenId,
+        subxid: u32,
+        records: Vec<Record>,
+    ) -> Result<(), QueueError> {
+        self.append(id, subxid, &records)
+    }
     /// Drops an open transaction and everything appended to it.
     fn discard(&mut self, id: OpenId) -> Result<(), QueueError>;
     /// Drops the records of one sub-transaction of an open transaction.

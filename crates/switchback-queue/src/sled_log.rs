@@ -347,6 +347,9 @@ struct OpenTxn {
     written: Vec<WrittenChunk>,
     /// The last Relation record per OID in chunks already written (encoded).
     written_relations: HashMap<u32, Vec<u8>>,
+    /// The records of a single-chunk transaction as the writer handed them over
+    /// (see [`SledLog::keep_decoded`]).
+    decoded: Option<Vec<Record>>,
 }
 
 impl OpenTxn {
@@ -388,6 +391,37 @@ struct Shared {
     stored: Mutex<std::collections::VecDeque<BatchInfo>>,
     /// A value over [`SLED_INLINE_MAX`] was written since the last flush began.
     wrote_blob: std::sync::atomic::AtomicBool,
+    /// Recently committed single-chunk transactions, decoded (see
+    /// [`SledLog::keep_decoded`]); `None` when off.
+    decoded: Mutex<Option<Decoded>>,
+}
+
+/// Transactions as the writer handed them over, in seq order, for a reader in the
+/// same process: it takes them instead of decoding the stored bytes. Bounded; a
+/// transaction not here is read from the stored entry, as always.
+#[derive(Default)]
+struct Decoded {
+    txns: std::collections::VecDeque<(QueuedTxn, Vec<Record>)>,
+    /// Stored (encoded) bytes of `txns`: a measure of their memory.
+    bytes: u64,
+}
+
+/// Bounds of [`Decoded`]: beyond them new transactions are left out until a
+/// reader takes older ones.
+const DECODED_MAX_TXNS: usize = 16_384;
+const DECODED_MAX_BYTES: u64 = 32 * 1024 * 1024;
+
+impl Decoded {
+    /// Drops the transactions below `seq` (a reader has moved past them).
+    fn drop_below(&mut self, seq: u64) {
+        while let Some((t, _)) = self.txns.front() {
+            if t.seq >= seq {
+                break;
+            }
+            self.bytes -= t.header.bytes;
+            self.txns.pop_front();
+        }
+    }
 }
 
 /// The sled log. Clone it to share between a writer task and a reader task of one
@@ -550,6 +584,7 @@ impl SledLog {
                 pending: Mutex::new(Pending::default()),
                 stored: Mutex::new(Default::default()),
                 wrote_blob: Default::default(),
+                decoded: Mutex::new(None),
             }),
             latest_relations: HashMap::new(),
             next_seq: 1,
@@ -796,6 +831,43 @@ impl SledLog {
         if len > SLED_INLINE_MAX {
             self.shared.wrote_blob.store(true, Ordering::SeqCst);
         }
+    }
+
+    /// Keeps recently committed single-chunk transactions decoded, as the writer
+    /// handed them to [`QueueWriter::append_owned`], for a reader of this process
+    /// (`run`: capture and apply over one queue). The reader takes them instead
+    /// of decoding what is stored: the same records, less CPU. Bounded (16,384
+    /// transactions, 32 MiB stored); off by default (a writer without a reader in
+    /// the process would only fill it).
+    pub fn keep_decoded(self) -> SledLog {
+        *self.shared.decoded.lock().expect("not poisoned") = Some(Decoded::default());
+        self
+    }
+
+    /// Takes the decoded records of `seq` if kept (dropping older ones: the
+    /// reader has moved past them).
+    fn take_decoded(&self, seq: u64) -> Option<Vec<Record>> {
+        let mut d = self.shared.decoded.lock().expect("not poisoned");
+        let d = d.as_mut()?;
+        d.drop_below(seq);
+        if d.txns.front().is_some_and(|(t, _)| t.seq == seq) {
+            let (t, records) = d.txns.pop_front().expect("checked");
+            d.bytes -= t.header.bytes;
+            return Some(records);
+        }
+        None
+    }
+
+    /// The header of `seq` if its decoded records are kept.
+    fn decoded_header(&self, seq: u64) -> Option<QueuedTxn> {
+        let d = self.shared.decoded.lock().expect("not poisoned");
+        let d = d.as_ref()?;
+        // A reader takes them in order: usually the first.
+        let i = match d.txns.front() {
+            Some((t, _)) if t.seq == seq => 0,
+            _ => d.txns.binary_search_by_key(&seq, |(t, _)| t.seq).ok()?,
+        };
+        Some(d.txns[i].0.clone())
     }
 
     /// Sets the pending batch size at which a commit writes the batch to sled
@@ -1048,6 +1120,7 @@ impl QueueWriter for SledLog {
                 first: None,
                 written: Vec::new(),
                 written_relations: HashMap::new(),
+                decoded: None,
             },
         );
         id
@@ -1077,6 +1150,7 @@ impl QueueWriter for SledLog {
                 return Ok(());
             }
             // More than one chunk: everything goes to the data tree, as it is.
+            t.decoded = None;
             if let Some(first) = t.first.take() {
                 let enc = first.envelope(&[])?;
                 let chunk = t.next_chunk;
@@ -1116,6 +1190,26 @@ impl QueueWriter for SledLog {
         res
     }
 
+    fn append_owned(
+        &mut self,
+        id: OpenId,
+        subxid: u32,
+        records: Vec<Record>,
+    ) -> Result<(), QueueError> {
+        self.append(id, subxid, &records)?;
+        let keep = self.shared.decoded.lock().expect("not poisoned").is_some();
+        if let Some(t) = self.open.get_mut(&id) {
+            // Only a transaction whose one chunk is exactly these records.
+            let single = t.written.is_empty()
+                && t.decoded.is_none()
+                && t.first.as_ref().is_some_and(|f| f.count == records.len());
+            if keep && single {
+                t.decoded = Some(records);
+            }
+        }
+        Ok(())
+    }
+
     fn discard(&mut self, id: OpenId) -> Result<(), QueueError> {
         let t = self.open.remove(&id).ok_or(QueueError::UnknownOpen(id))?;
         for c in &t.written {
@@ -1130,6 +1224,7 @@ impl QueueWriter for SledLog {
         let mut t = self.open.remove(&id).ok_or(QueueError::UnknownOpen(id))?;
         if t.first.as_ref().is_some_and(|f| f.subxid == subxid) {
             t.first = None;
+            t.decoded = None;
         }
         let mut res = Ok(());
         let data_id = t.data_id;
@@ -1150,7 +1245,7 @@ impl QueueWriter for SledLog {
     }
 
     fn commit(&mut self, id: OpenId, mut header: TxnHeader) -> Result<u64, QueueError> {
-        let t = self.open.remove(&id).ok_or(QueueError::UnknownOpen(id))?;
+        let mut t = self.open.remove(&id).ok_or(QueueError::UnknownOpen(id))?;
         if let Some(last) = self.last_end {
             if header.end_lsn <= last {
                 return Err(QueueError::Corrupt(format!(
@@ -1218,6 +1313,21 @@ impl QueueWriter for SledLog {
             p.push(seq, &value, end_lsn.0, chunks);
             p.buf.len() >= self.batch_bytes
         };
+        if let (Some(records), Some(_)) = (t.decoded.take(), &inline) {
+            let mut d = self.shared.decoded.lock().expect("not poisoned");
+            if let Some(d) = d.as_mut().filter(|d| {
+                d.txns.len() < DECODED_MAX_TXNS
+                    && d.bytes + stored.header.bytes <= DECODED_MAX_BYTES
+            }) {
+                d.bytes += stored.header.bytes;
+                let txn = QueuedTxn {
+                    seq,
+                    prev_end_lsn: stored.prev_end_lsn,
+                    header: stored.header.clone(),
+                };
+                d.txns.push_back((txn, records));
+            }
+        }
         self.next_seq += 1;
         self.last_end = Some(end_lsn);
         if !new_versions.is_empty() {
@@ -1256,14 +1366,19 @@ impl QueueWriter for SledLog {
 
 impl QueueReader for SledLog {
     fn next_from(&self, from: u64) -> Result<Option<QueuedTxn>, QueueError> {
-        let Some((seq, e)) = self.locate(from)? else {
-            return Ok(None);
-        };
-        let h = decode_entry(e.bytes())?.0;
-        let t = QueuedTxn {
-            seq,
-            prev_end_lsn: h.prev_end_lsn,
-            header: h.header,
+        let t = match self.decoded_header(from) {
+            Some(t) => t,
+            None => {
+                let Some((seq, e)) = self.locate(from)? else {
+                    return Ok(None);
+                };
+                let h = decode_entry(e.bytes())?.0;
+                QueuedTxn {
+                    seq,
+                    prev_end_lsn: h.prev_end_lsn,
+                    header: h.header,
+                }
+            }
         };
         self.continuity
             .lock()
@@ -1278,6 +1393,9 @@ impl QueueReader for SledLog {
     ) -> Result<Box<dyn Iterator<Item = Result<Vec<Record>, QueueError>> + Send + '_>, QueueError>
     {
         let seq = txn.seq;
+        if let Some(records) = self.take_decoded(seq) {
+            return Ok(Box::new(std::iter::once(Ok(records))));
+        }
         let entry = match self.locate(seq)? {
             Some((s, e)) if s == seq => e,
             _ => {
@@ -1330,6 +1448,9 @@ impl QueueReader for SledLog {
         self.raise_meta(META_NEXT_SEQ, upto + 1)?;
         self.raise_meta(META_ACKED, upto)?;
         self.shared.acked.fetch_max(upto, Ordering::SeqCst);
+        if let Some(d) = self.shared.decoded.lock().expect("not poisoned").as_mut() {
+            d.drop_below(upto + 1);
+        }
         let deleted = self.shared.deleted_upto.load(Ordering::SeqCst);
         if upto <= deleted {
             return Ok(());

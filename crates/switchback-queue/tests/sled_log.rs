@@ -93,12 +93,15 @@ proptest! {
         ops in proptest::collection::vec(op(), 1..80),
         batch_bytes in prop_oneof![Just(1usize), 100..2000usize, Just(1usize << 20)],
         retain_txns in prop_oneof![Just(1u64), Just(3u64), Just(switchback_queue::sled_log::RETAIN_TXNS)],
+        decoded in any::<bool>(),
     ) {
         let dir = tempdir();
+        // `decoded`: as `run` uses it, records handed over and kept for the reader.
         let open_log = |dir: &std::path::Path| {
-            reopen(dir)
+            let log = reopen(dir)
                 .with_batch_bytes(batch_bytes)
-                .with_retention(retain_txns, switchback_queue::sled_log::RETAIN_FOR)
+                .with_retention(retain_txns, switchback_queue::sled_log::RETAIN_FOR);
+            if decoded { log.keep_decoded() } else { log }
         };
         let mut log = open_log(&dir);
         let mut reader = log.clone();
@@ -124,7 +127,11 @@ proptest! {
                         // unchanged definitions is exercised both ways.
                         let mut batch = vec![relation(u32::from(sub), u32::from(n) % 2)];
                         batch.extend((0..n).map(|_| { tag += 1; rec(tag, u32::from(sub)) }));
-                        log.append(*id, u32::from(sub), &batch).unwrap();
+                        if decoded {
+                            log.append_owned(*id, u32::from(sub), batch.clone()).unwrap();
+                        } else {
+                            log.append(*id, u32::from(sub), &batch).unwrap();
+                        }
                         recs.extend(batch.into_iter().map(|r| (u32::from(sub), r)));
                     }
                 }
@@ -213,10 +220,22 @@ proptest! {
                     durable_acked = acked;
                 }
             }
-            // The reader sees exactly the committed, unacknowledged transactions.
-            let all = log.all().unwrap();
-            let seen: Vec<u64> = all.iter().map(|t| t.seq).collect();
             let want: Vec<u64> = committed.keys().copied().collect();
+            // A second handle walking the queue as apply does (its batch cache,
+            // the pending batch, sled, or the records kept decoded) sees exactly
+            // the committed, unacknowledged transactions; so does `all` below (once
+            // the walk has taken the decoded ones: from what is stored).
+            let mut walked = Vec::new();
+            let mut from = acked + 1;
+            while let Some(t) = reader.next_from(from).unwrap() {
+                let got: Vec<Record> = reader.records(&t).unwrap().flat_map(|c| c.unwrap()).collect();
+                prop_assert_eq!(Some(&got), committed.get(&t.seq).map(|c| &c.1));
+                from = t.seq + 1;
+                walked.push(t);
+            }
+            let all = log.all().unwrap();
+            prop_assert_eq!(&walked, &all, "headers walked and stored differ");
+            let seen: Vec<u64> = all.iter().map(|t| t.seq).collect();
             prop_assert_eq!(&seen, &want);
             let mut last = 0u64;
             for t in &all {
@@ -228,17 +247,6 @@ proptest! {
                 prop_assert_eq!(&got, recs);
                 prop_assert_eq!(t.header.records, recs.len() as u64);
             }
-            // A second handle walking the queue as apply does (its batch cache,
-            // the pending batch and sled) sees the same.
-            let mut walked = Vec::new();
-            let mut from = acked + 1;
-            while let Some(t) = reader.next_from(from).unwrap() {
-                let got: Vec<Record> = reader.records(&t).unwrap().flat_map(|c| c.unwrap()).collect();
-                prop_assert_eq!(Some(&got), committed.get(&t.seq).map(|c| &c.1));
-                walked.push(t.seq);
-                from = t.seq + 1;
-            }
-            prop_assert_eq!(&walked, &want);
             if let Some((&_, (end, _))) = committed.iter().next_back() {
                 prop_assert_eq!(log.last_end_lsn(), Some(Lsn(*end)));
             }
