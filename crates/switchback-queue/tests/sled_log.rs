@@ -330,16 +330,21 @@ fn concurrent_commit_and_ack_make_progress() {
 /// Opens the log again after a drop: sled's flusher thread can hold the file lock
 /// for a moment after the last handle is gone.
 fn reopen(dir: &std::path::Path) -> SledLog {
+    while_locked("reopen", || SledLog::open(dir))
+}
+
+/// Runs `f` until the queue is no longer locked (30 s at most).
+fn while_locked<T>(what: &str, f: impl Fn() -> Result<T, switchback_queue::QueueError>) -> T {
     let start = Instant::now();
     loop {
-        match SledLog::open(dir) {
-            Ok(log) => return log,
+        match f() {
+            Ok(v) => return v,
             Err(switchback_queue::QueueError::Locked { .. })
                 if start.elapsed() < Duration::from_secs(30) =>
             {
                 std::thread::yield_now()
             }
-            Err(e) => panic!("reopen: {e}"),
+            Err(e) => panic!("{what}: {e}"),
         }
     }
 }
@@ -614,18 +619,7 @@ fn checkpoint_after_close_moves_the_snapshot_and_keeps_the_queue() {
     log.ack(want[99].0).unwrap();
     let before = newest_snapshot(&dir);
     drop(log);
-    let start = Instant::now();
-    loop {
-        match SledLog::checkpoint_closed(&dir) {
-            Ok(()) => break,
-            Err(switchback_queue::QueueError::Locked { .. })
-                if start.elapsed() < Duration::from_secs(30) =>
-            {
-                std::thread::yield_now()
-            }
-            Err(e) => panic!("checkpoint: {e}"),
-        }
-    }
+    while_locked("checkpoint", || SledLog::checkpoint_closed(&dir));
     let after = newest_snapshot(&dir);
     assert!(
         after > before,
