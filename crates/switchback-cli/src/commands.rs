@@ -128,23 +128,11 @@ fn checkpoint_queue(cfg: &Config) {
         return;
     }
     let started = std::time::Instant::now();
-    loop {
-        match SledLog::checkpoint_closed(&cfg.queue.path) {
-            Ok(()) => {
-                tracing::debug!(took = ?started.elapsed(), "queue checkpointed for the next start");
-                return;
-            }
-            // sled's flusher thread may hold the lock a moment after the last handle.
-            Err(switchback_queue::QueueError::Locked { .. })
-                if started.elapsed() < std::time::Duration::from_millis(500) =>
-            {
-                std::thread::sleep(std::time::Duration::from_millis(10))
-            }
-            Err(e) => {
-                tracing::debug!(error = %e, "queue not checkpointed");
-                return;
-            }
+    match SledLog::checkpoint_closed(&cfg.queue.path) {
+        Ok(()) => {
+            tracing::debug!(took = ?started.elapsed(), "queue checkpointed for the next start")
         }
+        Err(e) => tracing::debug!(error = %e, "queue not checkpointed"),
     }
 }
 

@@ -412,14 +412,17 @@ const DECODED_MAX_TXNS: usize = 16_384;
 const DECODED_MAX_BYTES: u64 = 32 * 1024 * 1024;
 
 impl Decoded {
+    /// Takes the first transaction.
+    fn pop_front(&mut self) -> Option<(QueuedTxn, Vec<Record>)> {
+        let first = self.txns.pop_front()?;
+        self.bytes -= first.0.header.bytes;
+        Some(first)
+    }
+
     /// Drops the transactions below `seq` (a reader has moved past them).
     fn drop_below(&mut self, seq: u64) {
-        while let Some((t, _)) = self.txns.front() {
-            if t.seq >= seq {
-                break;
-            }
-            self.bytes -= t.header.bytes;
-            self.txns.pop_front();
+        while self.txns.front().is_some_and(|(t, _)| t.seq < seq) {
+            self.pop_front();
         }
     }
 }
@@ -607,14 +610,27 @@ impl SledLog {
     /// replaying everything written since the previous open (tens of milliseconds
     /// per 10,000 queued transactions, on the critical path of a restart).
     /// Called after a clean stop, when every handle of the queue has been dropped:
-    /// the stopping process pays instead of the next start. Reads and writes no
-    /// queued data; an error (the queue still open elsewhere) leaves it as it was.
+    /// the stopping process pays instead of the next start. sled's flusher thread
+    /// may hold the lock a moment after the last handle: a locked queue is tried
+    /// again for up to 500 ms. Reads and writes no queued data; an error (the
+    /// queue still open elsewhere) leaves it as it was.
     pub fn checkpoint_closed(path: &Path) -> Result<(), QueueError> {
         match persisted_segment_size(path) {
             // A new queue, or one of an older switchback (its open warns already).
-            None => Ok(()),
-            Some(n) if n != SEGMENT_BYTES => Ok(()),
-            Some(_) => open_db(path).map(drop),
+            None => return Ok(()),
+            Some(n) if n != SEGMENT_BYTES => return Ok(()),
+            Some(_) => {}
+        }
+        let started = Instant::now();
+        loop {
+            match open_db(path) {
+                Err(QueueError::Locked { .. })
+                    if started.elapsed() < Duration::from_millis(500) =>
+                {
+                    std::thread::sleep(Duration::from_millis(10))
+                }
+                r => return r.map(drop),
+            }
         }
     }
 
@@ -851,9 +867,7 @@ impl SledLog {
         let d = d.as_mut()?;
         d.drop_below(seq);
         if d.txns.front().is_some_and(|(t, _)| t.seq == seq) {
-            let (t, records) = d.txns.pop_front().expect("checked");
-            d.bytes -= t.header.bytes;
-            return Some(records);
+            return d.pop_front().map(|(_, records)| records);
         }
         None
     }
