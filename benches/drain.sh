@@ -146,9 +146,9 @@ for run in $(seq 1 "$RUNS"); do
   settle_slots "'native_sub', 'switchback_bench'"
   kill -INT $pid; wait $pid
   drain_ceiling
-  printf 'run %d: txns %d  native_drain %.2f s  switchback_drain %.2f s  ratio switchback/native %.2f  (pg_recvlogical alone %.2f s)\n' \
-    "$run" "$TXNS" "$native" "$sb" "$(echo "$sb / $native" | bc -l)" "$ceiling"
   RATIOS+=("$(echo "$sb / $native" | bc -l)")
+  printf 'run %d: txns %d  native_drain %.2f s  switchback_drain %.2f s  ratio switchback/native %.2f  (pg_recvlogical alone %.2f s)\n' \
+    "$run" "$TXNS" "$native" "$sb" "${RATIOS[-1]}" "$ceiling"
   if [ "$KAFKA" = 1 ]; then
     t=$(now)
     "$SB" --log warn capture --config "$SB_ROOT/kf.toml" 2>>"$SB_ROOT/kf-capture.log" & cpid=$!
