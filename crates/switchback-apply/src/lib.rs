@@ -237,7 +237,8 @@ struct Queued {
 }
 
 enum QueuedSql {
-    Prepared(String, Vec<Option<Vec<u8>>>),
+    /// A named statement, its parameters, and whether they are binary (`text[]`).
+    Prepared(String, Vec<Option<Vec<u8>>>, bool),
     Sql(String),
 }
 
@@ -394,7 +395,7 @@ impl Applier {
         let (name, shape) = self.statement(tg, &planned.key);
         let params = sql::params(tg, &shape, planned)?;
         Ok(Queued {
-            what: QueuedSql::Prepared(name, params),
+            what: QueuedSql::Prepared(name, params, false),
             expect: shape.expect,
             ctx: Some(at),
         })
@@ -421,7 +422,7 @@ impl Applier {
         let rows: Vec<&sql::Planned> = run.iter().map(|(_, p, _)| p).collect();
         let params = sql::many_params(tg, &shape, &rows)?;
         Ok(Queued {
-            what: QueuedSql::Prepared(name, params),
+            what: QueuedSql::Prepared(name, params, true),
             expect,
             ctx: Some(*at),
         })
@@ -806,7 +807,11 @@ impl Applier {
         let entries: Vec<Entry<'_>> = inflight
             .iter()
             .map(|q| match &q.what {
-                QueuedSql::Prepared(name, params) => Entry::Prepared { name, params },
+                QueuedSql::Prepared(name, params, binary) => Entry::Prepared {
+                    name,
+                    params,
+                    binary: *binary,
+                },
                 QueuedSql::Sql(sql) => Entry::Sql(sql),
             })
             .collect();

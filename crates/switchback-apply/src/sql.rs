@@ -685,8 +685,9 @@ pub fn params(t: &Target, shape: &Shape, p: &Planned) -> Result<Vec<Option<Vec<u
         .collect()
 }
 
-/// The parameters of an `InsertMany` or `UpdateMany` shape: one text-array literal per column,
-/// holding that column of every row (`NULL` elements for NULLs).
+/// The parameters of an `InsertMany` or `UpdateMany` shape: one `text[]` per column
+/// in binary format, holding that column of every row as text (`NULL` elements for
+/// NULLs); the statement casts each element to the member's type.
 pub fn many_params(
     t: &Target,
     shape: &Shape,
@@ -701,34 +702,22 @@ pub fn many_params(
                     "internal: InsertMany takes new rows only".into(),
                 ));
             };
-            let mut out = Vec::with_capacity(rows.len() * 16 + 2);
-            out.push(b'{');
-            for (n, p) in rows.iter().enumerate() {
-                if n > 0 {
-                    out.push(b',');
-                }
-                match p.new.get(i).unwrap_or(&Value::Null) {
-                    Value::Null => out.extend_from_slice(b"NULL"),
-                    Value::Text(v) => {
-                        out.push(b'"');
-                        for &c in v {
-                            if c == b'"' || c == b'\\' {
-                                out.push(b'\\');
-                            }
-                            out.push(c);
-                        }
-                        out.push(b'"');
-                    }
+            let mut values = Vec::with_capacity(rows.len());
+            for p in rows {
+                values.push(match p.new.get(i).unwrap_or(&Value::Null) {
+                    Value::Null => None,
+                    Value::Text(v) => Some(v.as_slice()),
                     _ => {
                         return Err(ApplyError::Data(format!(
                             "table {}: column {} has no text value to insert",
                             t.display, t.hub.columns[i].name
                         )))
                     }
-                }
+                });
             }
-            out.push(b'}');
-            Ok(Some(out))
+            Ok(Some(switchback_pg::pipeline::binary_text_array(
+                values.iter().copied(),
+            )))
         })
         .collect()
 }

@@ -143,7 +143,8 @@ fn write_atomic(path: &PathBuf, st: &ProcessStatus) {
 }
 
 /// Refreshes the status file every second until `stop`, and once more at the end.
-/// Every fifth second it also reads the slot's lag on the hub for the metric.
+/// Every fifth second, from the second one on, it also reads the slot's lag on the
+/// hub for the metric (not at once: a start that catches up is busy enough).
 pub async fn publish(
     cfg: Config,
     reader: Option<Arc<dyn QueueReader + Send + Sync>>,
@@ -170,7 +171,7 @@ pub async fn publish(
             return;
         }
         n += 1;
-        if n % 5 == 1 {
+        if n % 5 == 2 {
             if hub.is_none() {
                 if let Ok(c) = cfg.hub_pg() {
                     hub = switchback_pg::hub::connect(&c, "hub").await.ok();

@@ -1,5 +1,6 @@
 //! A pipelining SQL connection for apply: named statements are parsed once, then
-//! each row change is a Bind + Execute with text-format parameters, and a whole
+//! each row change is a Bind + Execute with text-format parameters (or, for
+//! multi-row statements, binary `text[]` arrays of text values), and a whole
 //! batch ends with a single Sync. The server then answers a batch with one flush
 //! instead of one per statement (tokio-postgres sends a Sync after every query).
 //!
@@ -15,10 +16,13 @@ use crate::replication::{parse_error_fields, FrameReader, FrameWriter, Replicati
 
 /// One entry of a batch.
 pub enum Entry<'a> {
-    /// Execute a named prepared statement with text parameters (None = NULL).
+    /// Execute a named prepared statement (None = NULL). With `binary`, every
+    /// parameter is sent in binary format (see [`binary_text_array`]); otherwise
+    /// in text format.
     Prepared {
         name: &'a str,
         params: &'a [Option<Vec<u8>>],
+        binary: bool,
     },
     /// Parse, bind and execute an SQL text without parameters (unnamed statement).
     Sql(&'a str),
@@ -81,11 +85,47 @@ fn put_parse(out: &mut BytesMut, name: &str, sql: &str) {
     });
 }
 
-fn put_bind_execute(out: &mut BytesMut, name: &str, params: &[Option<Vec<u8>>]) {
+/// A one-dimensional `text[]` in the binary format of `array_send` / `array_recv`,
+/// holding `values` (None = a NULL element). The member still parses each element
+/// as text: only the array around them skips the text-literal syntax (no quoting
+/// on this side, no `array_in` on the member).
+pub fn binary_text_array<'v>(
+    values: impl ExactSizeIterator<Item = Option<&'v [u8]>> + Clone,
+) -> Vec<u8> {
+    const TEXT_OID: i32 = 25;
+    let n = values.len();
+    let bytes: usize = values.clone().map(|v| 4 + v.map_or(0, <[u8]>::len)).sum();
+    let mut out = Vec::with_capacity(20 + bytes);
+    let has_null = values.clone().any(|v| v.is_none());
+    out.extend_from_slice(&i32::from(n > 0).to_be_bytes()); // dimensions
+    out.extend_from_slice(&i32::from(has_null).to_be_bytes());
+    out.extend_from_slice(&TEXT_OID.to_be_bytes());
+    if n > 0 {
+        out.extend_from_slice(&(n as i32).to_be_bytes()); // length of the dimension
+        out.extend_from_slice(&1i32.to_be_bytes()); // its lower bound
+    }
+    for v in values {
+        match v {
+            None => out.extend_from_slice(&(-1i32).to_be_bytes()),
+            Some(v) => {
+                out.extend_from_slice(&(v.len() as i32).to_be_bytes());
+                out.extend_from_slice(v);
+            }
+        }
+    }
+    out
+}
+
+fn put_bind_execute(out: &mut BytesMut, name: &str, params: &[Option<Vec<u8>>], binary: bool) {
     message(out, b'B', |b| {
         cstr(b, "");
         cstr(b, name);
-        b.put_i16(0); // all parameters in text format
+        if binary {
+            b.put_i16(1); // one format code for every parameter:
+            b.put_i16(1); // binary
+        } else {
+            b.put_i16(0); // all parameters in text format
+        }
         b.put_i16(params.len() as i16);
         for p in params {
             match p {
@@ -178,10 +218,14 @@ impl PipelineConn {
         }
         for e in entries {
             match e {
-                Entry::Prepared { name, params } => put_bind_execute(&mut out, name, params),
+                Entry::Prepared {
+                    name,
+                    params,
+                    binary,
+                } => put_bind_execute(&mut out, name, params, *binary),
                 Entry::Sql(sql) => {
                     put_parse(&mut out, "", sql);
-                    put_bind_execute(&mut out, "", &[]);
+                    put_bind_execute(&mut out, "", &[], false);
                 }
             }
         }
