@@ -1116,6 +1116,14 @@ fn status_and_metrics_show_lag_returning_to_zero() {
             .join("\n")
     );
     stop_run(&mut run);
+    // The status file written at the stop is fresh, but says the process is gone.
+    let s = status_json(&pipe);
+    assert_eq!(
+        s["process_running"],
+        Value::Bool(false),
+        "status right after a clean stop: {s}"
+    );
+    assert_eq!(s["queue_transactions"].as_u64(), Some(0), "status: {s}");
     assert_no_conflicts(&[run.log.clone()]);
 }
 

@@ -32,6 +32,9 @@ pub struct ProcessStatus {
     pub queue_transactions: u64,
     pub queue_bytes: u64,
     pub apply: Option<ApplyStatusFile>,
+    /// Written last by a process that stopped: the file is fresh, the process gone.
+    #[serde(default)]
+    pub stopped: bool,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -83,6 +86,7 @@ fn read_status_file(cfg: &Config) -> Option<ProcessStatus> {
             a.capture_connected = c.capture_connected;
             a.capture_acked_lsn = c.capture_acked_lsn;
             a.updated_unix_ms = a.updated_unix_ms.max(c.updated_unix_ms);
+            a.stopped = a.stopped && c.stopped;
             Some(a)
         }
         (c, a) => a.or(c),
@@ -125,6 +129,7 @@ fn snapshot(
                 .map(|(k, v)| (k.as_str().to_string(), *v))
                 .collect(),
         }),
+        stopped: false,
     }
 }
 
@@ -162,12 +167,13 @@ pub async fn publish(
             _ = stop.changed() => {}
         }
         let none = ApplyStatus::default();
-        let st = match &apply {
+        let mut st = match &apply {
             Some(a) => snapshot(reader.as_deref(), &cap.borrow(), &a.borrow(), true),
             None => snapshot(reader.as_deref(), &cap.borrow(), &none, false),
         };
+        st.stopped = *stop.borrow();
         write_atomic(&path, &st);
-        if *stop.borrow() {
+        if st.stopped {
             return;
         }
         n += 1;
@@ -294,7 +300,7 @@ pub async fn status(a: StatusArgs) -> anyhow::Result<ExitCode> {
     let file: Option<ProcessStatus> = read_status_file(&cfg);
     let fresh = file
         .as_ref()
-        .is_some_and(|f| now_ms().saturating_sub(f.updated_unix_ms) < 5_000);
+        .is_some_and(|f| !f.stopped && now_ms().saturating_sub(f.updated_unix_ms) < 5_000);
     if fresh {
         let f = file.clone().unwrap_or_default();
         r.process_running = true;
