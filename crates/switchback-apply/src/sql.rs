@@ -715,9 +715,7 @@ pub fn many_params(
                     }
                 });
             }
-            Ok(Some(switchback_pg::pipeline::binary_text_array(
-                values.iter().copied(),
-            )))
+            Ok(Some(switchback_pg::pipeline::binary_text_array(&values)))
         })
         .collect()
 }

@@ -89,14 +89,12 @@ fn put_parse(out: &mut BytesMut, name: &str, sql: &str) {
 /// holding `values` (None = a NULL element). The member still parses each element
 /// as text: only the array around them skips the text-literal syntax (no quoting
 /// on this side, no `array_in` on the member).
-pub fn binary_text_array<'v>(
-    values: impl ExactSizeIterator<Item = Option<&'v [u8]>> + Clone,
-) -> Vec<u8> {
+pub fn binary_text_array(values: &[Option<&[u8]>]) -> Vec<u8> {
     const TEXT_OID: i32 = 25;
     let n = values.len();
-    let bytes: usize = values.clone().map(|v| 4 + v.map_or(0, <[u8]>::len)).sum();
+    let bytes: usize = values.iter().map(|v| 4 + v.map_or(0, <[u8]>::len)).sum();
     let mut out = Vec::with_capacity(20 + bytes);
-    let has_null = values.clone().any(|v| v.is_none());
+    let has_null = values.iter().any(Option::is_none);
     out.extend_from_slice(&i32::from(n > 0).to_be_bytes()); // dimensions
     out.extend_from_slice(&i32::from(has_null).to_be_bytes());
     out.extend_from_slice(&TEXT_OID.to_be_bytes());
