@@ -715,3 +715,79 @@ fn partitioned_table_rows_move_between_partitions() {
     );
     stop_run(&mut run);
 }
+
+// ---------------------------------------------------------------------------
+// A restart changes nothing on the hub; a check that fails after the member
+// changed still stops `run`, even though its stream started meanwhile.
+// ---------------------------------------------------------------------------
+
+/// The hub's catalog rows of the pipeline's publications, by transaction id:
+/// any CREATE or ALTER PUBLICATION changes this.
+fn publication_versions(hdb: &str, pipe: &Pipeline) -> String {
+    q(
+        hub(),
+        hdb,
+        &format!(
+            "SELECT string_agg(p.pubname || '@' || p.xmin::text || ':' || coalesce((SELECT \
+             string_agg(pr.xmin::text, ',' ORDER BY pr.oid) FROM pg_publication_rel pr \
+             WHERE pr.prpubid = p.oid), ''), ';' ORDER BY p.pubname) \
+             FROM pg_publication p WHERE p.pubname LIKE {}",
+            quote_literal(&format!("{}%", pipe.slot()))
+        ),
+    )
+}
+
+#[test]
+fn restart_leaves_the_hub_alone_and_a_failing_check_still_stops_run() {
+    let _t = Timed::start("restart_leaves_the_hub_alone_and_a_failing_check_still_stops_run");
+    let ddl = "CREATE TABLE t (id int PRIMARY KEY, v text);";
+    let (hdb, mdb) = dbs("map_restart", ddl, ddl);
+    let (pipe, _c) = pipeline("map_restart", &hdb, &mdb, "");
+    let mut run = start_run(&pipe);
+    hub().psql(&hdb, "INSERT INTO t VALUES (1, 'one')");
+    sync_point(&hdb, &mdb, &mut run);
+    stop_run(&mut run);
+    let before = publication_versions(&hdb, &pipe);
+    assert!(before.contains('@'), "no publication: {before:?}");
+
+    // A restart with the same configuration: no DDL on the hub.
+    let mut run = start_run(&pipe);
+    hub().psql(&hdb, "INSERT INTO t VALUES (2, 'two')");
+    sync_point(&hdb, &mdb, &mut run);
+    stop_run(&mut run);
+    assert_eq!(
+        publication_versions(&hdb, &pipe),
+        before,
+        "a restart changed the publication"
+    );
+    assert_eq!(q(member(), &mdb, "SELECT count(*) FROM t"), "2");
+
+    // The member no longer fits: run refuses, and what it streamed meanwhile
+    // is not applied.
+    member().psql(&mdb, "ALTER TABLE t ADD COLUMN must text NOT NULL DEFAULT 'x'; ALTER TABLE t ALTER COLUMN must DROP DEFAULT");
+    hub().psql(&hdb, "INSERT INTO t VALUES (3, 'three')");
+    let out = pipe.run(&["run"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "run started despite the problem");
+    assert!(
+        err.contains("problem(s) found before starting")
+            && err.contains("public.t column \"must\""),
+        "{err}"
+    );
+    assert_eq!(q(member(), &mdb, "SELECT count(*) FROM t"), "2");
+    assert_eq!(publication_versions(&hdb, &pipe), before);
+
+    // Fixed, it resumes with the row it had not applied.
+    member().psql(&mdb, "ALTER TABLE t DROP COLUMN must");
+    let mut run = start_run(&pipe);
+    sync_point(&hdb, &mdb, &mut run);
+    stop_run(&mut run);
+    assert_eq!(
+        q(
+            member(),
+            &mdb,
+            "SELECT string_agg(id || '=' || v, ',' ORDER BY id) FROM t"
+        ),
+        "1=one,2=two,3=three"
+    );
+}

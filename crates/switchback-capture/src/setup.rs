@@ -36,7 +36,9 @@ pub async fn prepare_with(cfg: &Config, create_slot: bool) -> Result<Plan, Captu
 
 /// As [`prepare_with`], but the hub is only read until `go` resolves: `true` lets
 /// it change the hub (replica identity, publications, slot), `false` stops it
-/// before any change. `run` starts this while its check is still running.
+/// before any change. `run` starts this while its check is still running. When
+/// the hub needs no change (a restart: the publications are as configured and the
+/// slot exists) the plan is returned without waiting for `go`.
 pub async fn prepare_after(
     cfg: &Config,
     create_slot: bool,
@@ -49,23 +51,22 @@ pub async fn prepare_after(
     hub::preflight(&session).await?;
     let version = session.server_version().await?;
     let mut tables = hub::list_tables(&session, |s, t| cfg.tables.matches(s, t)).await?;
-    if !go.await {
-        return Err(CaptureError::Setup(
-            "stopped before changing the hub: the check before start failed".into(),
-        ));
-    }
+
+    // First what has to change, read only; then, once `go` allows, the changes in
+    // this order: replica identities, publications, the slot (a publication is
+    // created before the slot that decodes it).
+    let mut changes: Vec<Change> = Vec::new();
     if cfg.direction == switchback_config::Direction::MemberToHub
         && cfg.cutover.mode == switchback_config::SyncMode::ActiveActive
     {
         // Hub-wins needs the member's whole old rows to see whether the hub changed
         // the row meanwhile (see switchback-apply `plan_hub_wins_reverse`).
         for t in tables.iter_mut().filter(|t| t.replica_identity != 'f') {
-            identity_full(
-                &session,
-                t,
+            changes.push(Change::IdentityFull(
+                t.clone(),
                 "active-active needs it: conflicts are detected on whole old rows",
-            )
-            .await?;
+            ));
+            t.replica_identity = 'f';
         }
     }
 
@@ -78,8 +79,8 @@ pub async fn prepare_after(
         let mut ops = rule.ops();
         let mut t = t.clone();
         t.row_filter = rule.row_filter.clone();
-        let changes = ops.contains(&Operation::Update) || ops.contains(&Operation::Delete);
-        if t.lacks_identity() && changes {
+        let changes_rows = ops.contains(&Operation::Update) || ops.contains(&Operation::Delete);
+        if t.lacks_identity() && changes_rows {
             match cfg.tables.no_key {
                 NoKeyPolicy::Refuse => {
                     refused.push(t.display());
@@ -89,7 +90,11 @@ pub async fn prepare_after(
                     ops.retain(|o| matches!(o, Operation::Insert | Operation::Truncate))
                 }
                 NoKeyPolicy::ReplicaIdentityFull => {
-                    identity_full(&session, &mut t, "the table has no primary key").await?
+                    changes.push(Change::IdentityFull(
+                        t.clone(),
+                        "the table has no primary key",
+                    ));
+                    t.replica_identity = 'f';
                 }
             }
         }
@@ -131,31 +136,48 @@ pub async fn prepare_after(
         let tables = groups.remove(&ops).unwrap_or_default();
         if tables.is_empty() && name != main_pub {
             if existing.contains(&name) {
-                hub::drop_publication(&session, &name).await?;
+                changes.push(Change::DropPublication(name));
             }
             continue;
         }
         let publish: Vec<&str> = ops.iter().map(|o| o.as_str()).collect();
-        hub::ensure_publication(
-            &session,
-            &PublicationSpec {
-                name: name.clone(),
-                publish: publish.join(", "),
-                tables: tables.clone(),
-            },
-        )
-        .await?;
+        let spec = PublicationSpec {
+            name: name.clone(),
+            publish: publish.join(", "),
+            tables: tables.clone(),
+        };
+        if !hub::publication_matches(&session, &spec).await? {
+            changes.push(Change::Publication(spec));
+        }
         publications.push(name);
         all.extend(tables);
     }
     let slot = cfg.slot_name();
     // The slot's position (where the stream starts) when this call owns the slot;
     // seed creates it itself.
-    let slot_start = if create_slot {
-        hub::ensure_slot(&session, &slot).await?
-    } else {
-        Lsn::ZERO
-    };
+    let mut slot_start = Lsn::ZERO;
+    if create_slot {
+        match hub::existing_slot(&session, &slot).await? {
+            Some(lsn) => slot_start = lsn,
+            None => changes.push(Change::CreateSlot),
+        }
+    }
+
+    if !changes.is_empty() {
+        if !go.await {
+            return Err(CaptureError::Setup(
+                "stopped before changing the hub: the check before start failed".into(),
+            ));
+        }
+        for change in changes {
+            match change {
+                Change::IdentityFull(t, why) => identity_full(&session, &t, why).await?,
+                Change::Publication(spec) => hub::ensure_publication(&session, &spec).await?,
+                Change::DropPublication(name) => hub::drop_publication(&session, &name).await?,
+                Change::CreateSlot => slot_start = hub::ensure_slot(&session, &slot).await?,
+            }
+        }
+    }
 
     let proto_version = if version >= 140000 { 2 } else { 1 };
     let streaming = cfg.capture.streaming && version >= 140000;
@@ -178,6 +200,14 @@ pub async fn prepare_after(
         tables: all,
         slot_start,
     })
+}
+
+/// A change `prepare_after` makes on the hub once allowed.
+enum Change {
+    IdentityFull(HubTable, &'static str),
+    Publication(PublicationSpec),
+    DropPublication(String),
+    CreateSlot,
 }
 
 /// Every non-empty set of operations, the full set first.
@@ -212,7 +242,7 @@ fn publication_for(main: &str, ops: &[Operation]) -> String {
 
 /// `ALTER TABLE … REPLICA IDENTITY FULL` on a hub table; `why` goes to the log and
 /// to the error.
-async fn identity_full(session: &hub::Session, t: &mut HubTable, why: &str) -> Result<(), PgError> {
+async fn identity_full(session: &hub::Session, t: &HubTable, why: &str) -> Result<(), PgError> {
     session
         .client
         .batch_execute(&format!(
@@ -229,7 +259,6 @@ async fn identity_full(session: &hub::Session, t: &mut HubTable, why: &str) -> R
             ))
         })?;
     tracing::info!(table = %t.display(), why, "set REPLICA IDENTITY FULL");
-    t.replica_identity = 'f';
     Ok(())
 }
 

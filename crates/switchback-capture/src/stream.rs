@@ -67,11 +67,15 @@ pub struct Started {
     status_interval: Duration,
 }
 
-/// Connects to the hub and starts the replication stream at `from`, before any
-/// of it is read: `run` starts it from the slot's position while its queue
-/// still opens, so the walsender decodes meanwhile (the session then drops
-/// what the queue already holds, see [`Assembler`]).
-pub async fn start(cfg: &Config, plan: &Plan, from: Lsn) -> Result<Started, CaptureError> {
+/// A replication connection to the hub, not streaming yet: `run` opens it while
+/// the hub is being checked, then starts the stream on it ([`start_on`]).
+pub struct Connection {
+    client: ReplicationClient,
+    status_interval: Duration,
+}
+
+/// Opens the replication connection and reads what the stream's status needs.
+pub async fn connect(cfg: &Config) -> Result<Connection, CaptureError> {
     let hub_cfg = cfg
         .hub_pg()
         .map_err(|e| CaptureError::Setup(e.to_string()))?;
@@ -93,6 +97,26 @@ pub async fn start(cfg: &Config, plan: &Plan, from: Lsn) -> Result<Started, Capt
     if timeout_ms > 0 {
         status_interval = status_interval.min(Duration::from_millis((timeout_ms / 3).max(10)));
     }
+    Ok(Connection {
+        client,
+        status_interval,
+    })
+}
+
+/// Connects to the hub and starts the replication stream at `from`, before any
+/// of it is read: `run` starts it from the slot's position while its queue
+/// still opens, so the walsender decodes meanwhile (the session then drops
+/// what the queue already holds, see [`Assembler`]).
+pub async fn start(cfg: &Config, plan: &Plan, from: Lsn) -> Result<Started, CaptureError> {
+    start_on(connect(cfg).await?, plan, from).await
+}
+
+/// As [`start`], on a connection opened before.
+pub async fn start_on(conn: Connection, plan: &Plan, from: Lsn) -> Result<Started, CaptureError> {
+    let Connection {
+        client,
+        status_interval,
+    } = conn;
     let mut options = vec![
         ("proto_version", format!("'{}'", plan.proto_version)),
         (

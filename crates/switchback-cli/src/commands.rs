@@ -307,15 +307,26 @@ async fn run(r: RunArgs) -> anyhow::Result<ExitCode> {
         }));
         let (c, passed) = (cfg.clone(), go.clone());
         preparing = Some(tokio::spawn(async move {
-            let plan =
-                switchback_capture::setup::prepare_after(&c, true, check_passed(passed)).await?;
-            // The stream starts too, from the slot's position: the walsender
-            // decodes while the queue still opens. Failing here only means the
-            // session starts its own stream (and reports what fails then).
-            let started = switchback_capture::stream::start(&c, &plan, plan.slot_start)
-                .await
-                .inspect_err(|e| tracing::debug!(error = %e, "early stream start failed"))
-                .ok();
+            // The replication connection opens while the hub is read; the stream
+            // starts as soon as the plan is known, from the slot's position: the
+            // walsender decodes while the queue still opens (and, on a restart that
+            // changes nothing on the hub, while the check still runs). Failing here
+            // only means the session starts its own stream (and reports what fails).
+            let (plan, conn) = tokio::join!(
+                switchback_capture::setup::prepare_after(&c, true, check_passed(passed)),
+                switchback_capture::stream::connect(&c)
+            );
+            let plan = plan?;
+            let started = match conn {
+                Ok(conn) => switchback_capture::stream::start_on(conn, &plan, plan.slot_start)
+                    .await
+                    .inspect_err(|e| tracing::debug!(error = %e, "early stream start failed"))
+                    .ok(),
+                Err(e) => {
+                    tracing::debug!(error = %e, "early replication connection failed");
+                    None
+                }
+            };
             Ok((plan, started))
         }));
         // Apply's member session connects meanwhile too, once the check has passed
@@ -523,6 +534,9 @@ async fn run_direction(
         tokio::spawn(
             async move {
                 if !check_passed(go).await {
+                    // Capture may be streaming already (it changed nothing on
+                    // the hub): it stops too, and `run` reports the check.
+                    let _ = stop_tx.send(true);
                     return Ok(());
                 }
                 let opts = switchback_apply::ApplyOptions {

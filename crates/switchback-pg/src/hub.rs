@@ -172,6 +172,67 @@ pub struct PublicationSpec {
     pub tables: Vec<HubTable>,
 }
 
+/// Whether the publication exists exactly as `spec` says: its operations,
+/// `publish_via_partition_root`, and the same tables, none by schema and none with
+/// a row filter. A spec with a row filter never matches (PostgreSQL keeps the
+/// filter deparsed, so it cannot be compared to the configured text): such a
+/// publication is set again at every start.
+pub async fn publication_matches(hub: &Session, spec: &PublicationSpec) -> Result<bool, PgError> {
+    if spec.tables.iter().any(|t| t.row_filter.is_some()) {
+        return Ok(false);
+    }
+    // One row per publication: its options, whether anything is published by
+    // schema (PG15+) or with a row filter (PG15+), and its tables.
+    let row = hub
+        .client
+        .query_opt(
+            "SELECT p.pubinsert, p.pubupdate, p.pubdelete, p.pubtruncate, \
+                    p.pubviaroot AND NOT p.puballtables, \
+                    CASE WHEN current_setting('server_version_num')::int >= 150000 THEN \
+                      (SELECT count(*) FROM pg_catalog.pg_publication_namespace pn \
+                        WHERE pn.pnpubid = p.oid) \
+                      + (SELECT count(*) FROM pg_catalog.pg_publication_rel pr \
+                          WHERE pr.prpubid = p.oid AND pr.prqual IS NOT NULL) \
+                    ELSE 0 END, \
+                    ARRAY(SELECT n.nspname::text FROM pg_catalog.pg_publication_rel pr \
+                          JOIN pg_catalog.pg_class c ON c.oid = pr.prrelid \
+                          JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace \
+                          WHERE pr.prpubid = p.oid ORDER BY n.nspname, c.relname), \
+                    ARRAY(SELECT c.relname::text FROM pg_catalog.pg_publication_rel pr \
+                          JOIN pg_catalog.pg_class c ON c.oid = pr.prrelid \
+                          JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace \
+                          WHERE pr.prpubid = p.oid ORDER BY n.nspname, c.relname) \
+             FROM pg_catalog.pg_publication p WHERE p.pubname = $1",
+            &[&spec.name],
+        )
+        .await
+        .map_err(|e| hub.err(e))?;
+    let Some(row) = row else { return Ok(false) };
+    let mut published: Vec<&str> = ["insert", "update", "delete", "truncate"]
+        .into_iter()
+        .enumerate()
+        .filter(|(i, _)| row.get::<_, bool>(*i))
+        .map(|(_, op)| op)
+        .collect();
+    let mut wanted: Vec<&str> = spec.publish.split(',').map(str::trim).collect();
+    published.sort_unstable();
+    wanted.sort_unstable();
+    if published != wanted || !row.get::<_, bool>(4) || row.get::<_, i64>(5) != 0 {
+        return Ok(false);
+    }
+    let schemas: Vec<String> = row.get(6);
+    let names: Vec<String> = row.get(7);
+    let mut have: Vec<(String, String)> = schemas.into_iter().zip(names).collect();
+    let mut want: Vec<(String, String)> = spec
+        .tables
+        .iter()
+        .map(|t| (t.schema.clone(), t.table.clone()))
+        .collect();
+    have.sort();
+    want.sort();
+    Ok(have == want)
+}
+
 /// Creates the publication, or brings its table list and options to `spec`.
 pub async fn ensure_publication(hub: &Session, spec: &PublicationSpec) -> Result<(), PgError> {
     let exists = hub
@@ -301,37 +362,42 @@ pub fn slot_lost_error(endpoint: &str, slot: &str) -> PgError {
 /// Makes sure the logical slot exists and is usable; creates it when missing.
 /// Returns its confirmed position.
 pub async fn ensure_slot(hub: &Session, slot: &str) -> Result<Lsn, PgError> {
-    match slot_state(hub, slot).await? {
-        Some(s) => {
-            if s.wal_status.as_deref() == Some("lost") {
-                return Err(slot_lost_error(&hub.endpoint, slot));
-            }
-            if s.plugin.as_deref() != Some("pgoutput") {
-                return Err(PgError::Setup(format!(
-                    "{}: replication slot {slot:?} exists but uses plugin {:?}, not pgoutput. \
-                     Fix: drop it (SELECT pg_drop_replication_slot('{slot}')) or choose another [pipeline] name.",
-                    hub.endpoint, s.plugin
-                )));
-            }
-            Ok(s.confirmed_flush.unwrap_or(Lsn::ZERO))
-        }
-        None => {
-            let row = hub
-                .client
-                .query_one(
-                    "SELECT lsn::text FROM pg_create_logical_replication_slot($1, 'pgoutput')",
-                    &[&slot],
-                )
-                .await
-                .map_err(|e| {
-                    PgError::Setup(format!(
-                        "{}: cannot create replication slot {slot:?}: {}",
-                        hub.endpoint,
-                        describe_sql_error(&e)
-                    ))
-                })?;
-            tracing::info!(slot, "created replication slot");
-            Ok(row.get::<_, String>(0).parse().unwrap_or(Lsn::ZERO))
-        }
+    if let Some(lsn) = existing_slot(hub, slot).await? {
+        return Ok(lsn);
     }
+    let row = hub
+        .client
+        .query_one(
+            "SELECT lsn::text FROM pg_create_logical_replication_slot($1, 'pgoutput')",
+            &[&slot],
+        )
+        .await
+        .map_err(|e| {
+            PgError::Setup(format!(
+                "{}: cannot create replication slot {slot:?}: {}",
+                hub.endpoint,
+                describe_sql_error(&e)
+            ))
+        })?;
+    tracing::info!(slot, "created replication slot");
+    Ok(row.get::<_, String>(0).parse().unwrap_or(Lsn::ZERO))
+}
+
+/// The confirmed position of an existing, usable pgoutput slot; `None` if there
+/// is no such slot. A lost slot or one of another plugin is an error naming the fix.
+pub async fn existing_slot(hub: &Session, slot: &str) -> Result<Option<Lsn>, PgError> {
+    let Some(s) = slot_state(hub, slot).await? else {
+        return Ok(None);
+    };
+    if s.wal_status.as_deref() == Some("lost") {
+        return Err(slot_lost_error(&hub.endpoint, slot));
+    }
+    if s.plugin.as_deref() != Some("pgoutput") {
+        return Err(PgError::Setup(format!(
+            "{}: replication slot {slot:?} exists but uses plugin {:?}, not pgoutput. \
+             Fix: drop it (SELECT pg_drop_replication_slot('{slot}')) or choose another [pipeline] name.",
+            hub.endpoint, s.plugin
+        )));
+    }
+    Ok(Some(s.confirmed_flush.unwrap_or(Lsn::ZERO)))
 }
