@@ -146,20 +146,49 @@ impl Drop for Connected {
 /// Connects the apply session to the member (`run` does it while its queue
 /// opens; [`run_connected`] then starts with it).
 pub async fn connect(cfg: &Config) -> Result<Connected, ApplyError> {
+    connect_after(cfg, std::future::ready(true))
+        .await
+        .map(|c| c.expect("go was true"))
+}
+
+/// As [`connect`], but the member is only connected to until `go` resolves:
+/// `true` lets the session bind (and, the first time, create) its replication
+/// origin; `false` closes it (`None`). `run` connects while its check runs.
+pub async fn connect_after(
+    cfg: &Config,
+    go: impl std::future::Future<Output = bool>,
+) -> Result<Option<Connected>, ApplyError> {
     let member_cfg = cfg
         .member_pg()
         .map_err(|e| ApplyError::Config(e.to_string()))?;
-    let (client, conn) = member_cfg
-        .connect(tokio_postgres::NoTls)
-        .await
-        .map_err(ApplyError::member)?;
-    let conn_task = tokio::spawn(async move {
-        if let Err(e) = conn.await {
-            tracing::debug!(error = %e, "member connection ended");
+    // Both member sessions connect at once: the catalog one and the pipeline.
+    let catalog = async {
+        let (client, conn) = member_cfg
+            .connect(tokio_postgres::NoTls)
+            .await
+            .map_err(ApplyError::member)?;
+        let conn_task = tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::debug!(error = %e, "member connection ended");
+            }
+        });
+        Ok::<_, ApplyError>((client, conn_task))
+    };
+    let (catalog, pipeline) = tokio::join!(catalog, Applier::connect(cfg, &member_cfg));
+    let (client, conn_task) = catalog?;
+    let (conn, replica_role) = pipeline?;
+    if !go.await {
+        conn_task.abort();
+        return Ok(None);
+    }
+    let applier = match Applier::start(cfg, client, conn, replica_role).await {
+        Ok(a) => a,
+        Err(e) => {
+            conn_task.abort();
+            return Err(e);
         }
-    });
-    let applier = Applier::start(cfg, client).await?;
-    Ok(Connected { applier, conn_task })
+    };
+    Ok(Some(Connected { applier, conn_task }))
 }
 
 /// Runs apply until shutdown (or until the queue is empty with `until_empty`).
@@ -336,11 +365,13 @@ fn pg_err(e: PgError) -> ApplyError {
 }
 
 impl Applier {
-    async fn start(cfg: &Config, catalog: Client) -> Result<Applier, ApplyError> {
-        let member_cfg = cfg
-            .member_pg()
-            .map_err(|e| ApplyError::Config(e.to_string()))?;
-        let mut conn = PipelineConn::connect(&member_cfg, "switchback_apply")
+    /// The pipeline session, its settings made; whether it may use
+    /// `session_replication_role = replica`.
+    async fn connect(
+        cfg: &Config,
+        member_cfg: &tokio_postgres::Config,
+    ) -> Result<(PipelineConn, bool), ApplyError> {
+        let mut conn = PipelineConn::connect(member_cfg, "switchback_apply")
             .await
             .map_err(pg_err)?;
         conn.simple_query("SET standard_conforming_strings = on")
@@ -362,9 +393,24 @@ impl Applier {
                 replica_role = true;
             }
         }
-        let progress = progress::setup(&mut conn, &cfg.origin_name()).await?;
+        Ok((conn, replica_role))
+    }
+
+    /// Binds the replication origin (created the first time) and reads the
+    /// member's progress and handover positions.
+    async fn start(
+        cfg: &Config,
+        catalog: Client,
+        mut conn: PipelineConn,
+        replica_role: bool,
+    ) -> Result<Applier, ApplyError> {
+        let origin = cfg.origin_name();
+        let (progress, handover) = tokio::join!(
+            progress::setup(&mut conn, &origin),
+            handover::SyncLsns::load(&catalog, &cfg.pipeline.name)
+        );
+        let (progress, handover) = (progress?, handover?);
         tracing::info!(progress = %progress, "apply resumes after the member's progress");
-        let handover = handover::SyncLsns::load(&catalog, &cfg.pipeline.name).await?;
         Ok(Applier {
             conn,
             catalog,

@@ -48,9 +48,38 @@ pub async fn prepare_after(
         .hub_pg()
         .map_err(|e| CaptureError::Setup(e.to_string()))?;
     let session = hub::connect(&hub_cfg, "hub").await?;
-    hub::preflight(&session).await?;
-    let version = session.server_version().await?;
-    let mut tables = hub::list_tables(&session, |s, t| cfg.tables.matches(s, t)).await?;
+    let main_pub = cfg.publication_name();
+    let slot = cfg.slot_name();
+    // The reads go out together (one connection pipelines them); errors are
+    // reported in this order.
+    let existing_pubs = async {
+        session
+            .client
+            .query(
+                "SELECT pubname::text FROM pg_publication WHERE starts_with(pubname::text, $1)",
+                &[&main_pub],
+            )
+            .await
+            .map_err(|e| session.err(e))
+    };
+    let (preflight, version, tables, existing, slot_lsn) = tokio::join!(
+        hub::preflight(&session),
+        session.server_version(),
+        hub::list_tables(&session, |s, t| cfg.tables.matches(s, t)),
+        existing_pubs,
+        async {
+            if create_slot {
+                hub::existing_slot(&session, &slot).await
+            } else {
+                Ok(None)
+            }
+        },
+    );
+    preflight?;
+    let version = version?;
+    let mut tables = tables?;
+    let existing: Vec<String> = existing?.iter().map(|r| r.get(0)).collect();
+    let slot_lsn = slot_lsn?;
 
     // First what has to change, read only; then, once `go` allows, the changes in
     // this order: replica identities, publications, the slot (a publication is
@@ -117,20 +146,9 @@ pub async fn prepare_after(
         )));
     }
 
-    let main_pub = cfg.publication_name();
-    let existing: Vec<String> = session
-        .client
-        .query(
-            "SELECT pubname::text FROM pg_publication WHERE starts_with(pubname::text, $1)",
-            &[&main_pub],
-        )
-        .await
-        .map_err(|e| session.err(e))?
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
     let mut publications = Vec::new();
     let mut all = Vec::new();
+    let mut specs = Vec::new();
     for ops in op_sets() {
         let name = publication_for(&main_pub, &ops);
         let tables = groups.remove(&ops).unwrap_or_default();
@@ -146,18 +164,26 @@ pub async fn prepare_after(
             publish: publish.join(", "),
             tables: tables.clone(),
         };
-        if !hub::publication_matches(&session, &spec).await? {
-            changes.push(Change::Publication(spec));
-        }
+        specs.push(spec);
         publications.push(name);
         all.extend(tables);
     }
-    let slot = cfg.slot_name();
+    let matching = futures_util::future::join_all(
+        specs
+            .iter()
+            .map(|spec| hub::publication_matches(&session, spec)),
+    )
+    .await;
+    for (spec, matches) in specs.into_iter().zip(matching) {
+        if !matches? {
+            changes.push(Change::Publication(spec));
+        }
+    }
     // The slot's position (where the stream starts) when this call owns the slot;
     // seed creates it itself.
     let mut slot_start = Lsn::ZERO;
     if create_slot {
-        match hub::existing_slot(&session, &slot).await? {
+        match slot_lsn {
             Some(lsn) => slot_start = lsn,
             None => changes.push(Change::CreateSlot),
         }

@@ -329,17 +329,15 @@ async fn run(r: RunArgs) -> anyhow::Result<ExitCode> {
             };
             Ok((plan, started))
         }));
-        // Apply's member session connects meanwhile too, once the check has passed
-        // (a failure here is retried by apply itself).
+        // Apply's member sessions connect meanwhile too, and bind their replication
+        // origin once the check has passed (a failure here is retried by apply itself).
         let (c, passed) = (cfg.clone(), go.clone());
         connecting = Some(tokio::spawn(async move {
-            if !check_passed(passed).await {
-                return None;
-            }
-            switchback_apply::connect(&c)
+            switchback_apply::connect_after(&c, check_passed(passed))
                 .await
                 .inspect_err(|e| tracing::debug!(error = %e, "early apply connect failed"))
                 .ok()
+                .flatten()
         }));
     } else {
         if forward_only {
