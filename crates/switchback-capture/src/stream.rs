@@ -59,9 +59,24 @@ fn advance_ack(
     }
 }
 
+/// Stops a task when dropped: a stream started but never used must not keep the
+/// slot busy (its reader task owns the socket).
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
 /// A replication stream started and not read yet.
 pub struct Started {
-    reader: FrameReader,
+    /// Frames read so far (the reader task starts with the stream, so the
+    /// walsender is read while the queue still opens).
+    frames: mpsc::Receiver<Result<Frame, CaptureError>>,
+    reader_task: AbortOnDrop,
+    /// Woken when the walsender asks for a reply.
+    reply_now: Arc<Notify>,
     writer: FrameWriter,
     /// How often the status task reports at least (a third of wal_sender_timeout).
     status_interval: Duration,
@@ -147,8 +162,12 @@ pub async fn start_on(conn: Connection, plan: &Plan, from: Lsn) -> Result<Starte
     tracing::info!(slot = %plan.slot, start = %from, "replication stream started");
     // A stream starts behind, as a rule: read it in batches (see `batch_reads`).
     reader.batch_reads();
+    let (frames, reader_task, reply_now) = spawn_reader(reader);
+    let reader_task = AbortOnDrop(reader_task);
     Ok(Started {
-        reader,
+        frames,
+        reader_task,
+        reply_now,
         writer,
         status_interval,
     })
@@ -166,7 +185,9 @@ pub async fn session<Q: QueueWriter + Send>(
 ) -> Result<(), CaptureError> {
     let start = queue.last_end_lsn().unwrap_or(Lsn::ZERO);
     let Started {
-        mut reader,
+        mut frames,
+        reader_task,
+        reply_now,
         mut writer,
         status_interval,
     } = match started {
@@ -180,56 +201,6 @@ pub async fn session<Q: QueueWriter + Send>(
         p.connected = true;
         p.acked = p.acked.max(start);
     });
-    let reply_now = Arc::new(Notify::new());
-    let (frames_tx, mut frames) = mpsc::channel::<Result<Frame, CaptureError>>(4096);
-
-    let reader_task = {
-        let reply_now = reply_now.clone();
-        tokio::spawn(async move {
-            loop {
-                let ev = match reader.next().await {
-                    Ok(ev) => ev,
-                    Err(e) => {
-                        let _ = frames_tx.send(Err(e.into())).await;
-                        return;
-                    }
-                };
-                let frame = match ev {
-                    StreamEvent::End => {
-                        let _ = frames_tx.send(Ok(Frame::End)).await;
-                        return;
-                    }
-                    StreamEvent::Data(bytes) => match decode_frame(&bytes) {
-                        Ok(ReplicationFrame::XLogData { data, .. }) => Frame::Data { data },
-                        Ok(ReplicationFrame::Keepalive {
-                            wal_end,
-                            reply_requested,
-                            ..
-                        }) => {
-                            if reply_requested {
-                                reply_now.notify_one();
-                            }
-                            // Keepalives are hints: drop them rather than wait when
-                            // the session is busy.
-                            let _ = frames_tx.try_send(Ok(Frame::Keepalive { wal_end }));
-                            continue;
-                        }
-                        Err(e) => {
-                            let _ = frames_tx
-                                .send(Err(CaptureError::Decode(e.to_string())))
-                                .await;
-                            return;
-                        }
-                    },
-                };
-                let end = matches!(frame, Frame::End);
-                if frames_tx.send(Ok(frame)).await.is_err() || end {
-                    return;
-                }
-            }
-        })
-    };
-
     let (stop_status_tx, mut stop_status) = watch::channel(false);
     let status_task = {
         let reply_now = reply_now.clone();
@@ -432,7 +403,7 @@ pub async fn session<Q: QueueWriter + Send>(
         }
     }
     let _ = stop_status_tx.send(true);
-    reader_task.abort();
+    drop(reader_task);
     let status_result = tokio::time::timeout(Duration::from_secs(5), status_task).await;
     result?;
     cleanup?;
@@ -440,6 +411,67 @@ pub async fn session<Q: QueueWriter + Send>(
         Ok(Ok(Err(e))) => Err(e.into()),
         _ => Ok(()),
     }
+}
+
+/// The reader task: owns the socket's read half, decodes walsender frames and
+/// passes them on through a bounded channel (backpressure); a keepalive that asks
+/// for a reply wakes the status task at once (`reply_now`).
+fn spawn_reader(
+    mut reader: FrameReader,
+) -> (
+    mpsc::Receiver<Result<Frame, CaptureError>>,
+    tokio::task::JoinHandle<()>,
+    Arc<Notify>,
+) {
+    let reply_now = Arc::new(Notify::new());
+    let (frames_tx, frames) = mpsc::channel::<Result<Frame, CaptureError>>(4096);
+    let task = {
+        let reply_now = reply_now.clone();
+        tokio::spawn(async move {
+            loop {
+                let ev = match reader.next().await {
+                    Ok(ev) => ev,
+                    Err(e) => {
+                        let _ = frames_tx.send(Err(e.into())).await;
+                        return;
+                    }
+                };
+                let frame = match ev {
+                    StreamEvent::End => {
+                        let _ = frames_tx.send(Ok(Frame::End)).await;
+                        return;
+                    }
+                    StreamEvent::Data(bytes) => match decode_frame(&bytes) {
+                        Ok(ReplicationFrame::XLogData { data, .. }) => Frame::Data { data },
+                        Ok(ReplicationFrame::Keepalive {
+                            wal_end,
+                            reply_requested,
+                            ..
+                        }) => {
+                            if reply_requested {
+                                reply_now.notify_one();
+                            }
+                            // Keepalives are hints: drop them rather than wait when
+                            // the session is busy.
+                            let _ = frames_tx.try_send(Ok(Frame::Keepalive { wal_end }));
+                            continue;
+                        }
+                        Err(e) => {
+                            let _ = frames_tx
+                                .send(Err(CaptureError::Decode(e.to_string())))
+                                .await;
+                            return;
+                        }
+                    },
+                };
+                let end = matches!(frame, Frame::End);
+                if frames_tx.send(Ok(frame)).await.is_err() || end {
+                    return;
+                }
+            }
+        })
+    };
+    (frames, task, reply_now)
 }
 
 /// Parses `SHOW wal_sender_timeout` output (`60s`, `500ms`, `1min`, `0`).
