@@ -2,7 +2,7 @@
 //!
 //! Three tasks cooperate:
 //! * the **reader** owns the socket's read half, decodes walsender frames and passes
-//!   them on through a bounded channel (backpressure); a keepalive that asks for a
+//!   them on through a channel bounded in bytes (backpressure); a keepalive that asks for a
 //!   reply wakes the status task at once;
 //! * the **status** task owns the write half and sends a Standby Status Update with the
 //!   acknowledged position at least every `status_interval` and whenever asked, so
@@ -20,18 +20,30 @@ use switchback_pg::replication::{FrameReader, FrameWriter, ReplicationClient, St
 use switchback_pg::PgError;
 use switchback_pgoutput::{decode_frame, Decoder, ReplicationFrame};
 use switchback_queue::{BackgroundFlush, QueueError, QueueWriter};
-use tokio::sync::{mpsc, watch, Notify};
+use tokio::sync::{mpsc, watch, Notify, OwnedSemaphorePermit, Semaphore};
 
 use crate::assemble::{Assembler, Step};
 use crate::setup::Plan;
 use crate::{CaptureError, CaptureProgress};
 
 enum Frame {
-    Data { data: Vec<u8> },
-    Keepalive { wal_end: u64 },
+    Data {
+        data: Vec<u8>,
+        /// Its bytes' share of [`READ_AHEAD_BYTES`], given back once handled.
+        _budget: OwnedSemaphorePermit,
+    },
+    Keepalive {
+        wal_end: u64,
+    },
     End,
 }
 
+/// Bytes of walsender frames the reader task reads ahead of the session (a frame
+/// larger than this is read alone). A count bound would not bound memory (a
+/// frame holds a whole row); this one also lets the walsender go on decoding
+/// while the session waits, e.g. for the queue to open at start (20,000 pgbench
+/// transactions are about 10 MiB of frames).
+const READ_AHEAD_BYTES: usize = 16 * 1024 * 1024;
 /// Commits between two forced flushes under continuous load.
 const MAX_UNFLUSHED_COMMITS: usize = 2000;
 /// Under continuous load (the frame channel never drains), a reader in this process
@@ -76,7 +88,7 @@ impl Drop for AbortOnDrop {
 pub struct Started {
     /// Frames read so far (the reader task starts with the stream, so the
     /// walsender is read while the queue still opens).
-    frames: mpsc::Receiver<Result<Frame, CaptureError>>,
+    frames: mpsc::UnboundedReceiver<Result<Frame, CaptureError>>,
     reader_task: AbortOnDrop,
     /// Woken when the walsender asks for a reply.
     reply_now: Arc<Notify>,
@@ -417,17 +429,18 @@ pub async fn session<Q: QueueWriter + Send>(
 }
 
 /// The reader task: owns the socket's read half, decodes walsender frames and
-/// passes them on through a bounded channel (backpressure); a keepalive that asks
+/// passes them on through a channel bounded in bytes (backpressure); a keepalive that asks
 /// for a reply wakes the status task at once (`reply_now`).
 fn spawn_reader(
     mut reader: FrameReader,
 ) -> (
-    mpsc::Receiver<Result<Frame, CaptureError>>,
+    mpsc::UnboundedReceiver<Result<Frame, CaptureError>>,
     tokio::task::JoinHandle<()>,
     Arc<Notify>,
 ) {
     let reply_now = Arc::new(Notify::new());
-    let (frames_tx, frames) = mpsc::channel::<Result<Frame, CaptureError>>(4096);
+    let budget = Arc::new(Semaphore::new(READ_AHEAD_BYTES));
+    let (frames_tx, frames) = mpsc::unbounded_channel::<Result<Frame, CaptureError>>();
     let task = {
         let reply_now = reply_now.clone();
         tokio::spawn(async move {
@@ -435,17 +448,26 @@ fn spawn_reader(
                 let ev = match reader.next().await {
                     Ok(ev) => ev,
                     Err(e) => {
-                        let _ = frames_tx.send(Err(e.into())).await;
+                        let _ = frames_tx.send(Err(e.into()));
                         return;
                     }
                 };
                 let frame = match ev {
                     StreamEvent::End => {
-                        let _ = frames_tx.send(Ok(Frame::End)).await;
+                        let _ = frames_tx.send(Ok(Frame::End));
                         return;
                     }
                     StreamEvent::Data(bytes) => match decode_frame(&bytes) {
-                        Ok(ReplicationFrame::XLogData { data, .. }) => Frame::Data { data },
+                        Ok(ReplicationFrame::XLogData { data, .. }) => {
+                            let n = data.len().clamp(1, READ_AHEAD_BYTES) as u32;
+                            let Ok(permit) = budget.clone().acquire_many_owned(n).await else {
+                                return;
+                            };
+                            Frame::Data {
+                                data,
+                                _budget: permit,
+                            }
+                        }
                         Ok(ReplicationFrame::Keepalive {
                             wal_end,
                             reply_requested,
@@ -454,21 +476,15 @@ fn spawn_reader(
                             if reply_requested {
                                 reply_now.notify_one();
                             }
-                            // Keepalives are hints: drop them rather than wait when
-                            // the session is busy.
-                            let _ = frames_tx.try_send(Ok(Frame::Keepalive { wal_end }));
-                            continue;
+                            Frame::Keepalive { wal_end }
                         }
                         Err(e) => {
-                            let _ = frames_tx
-                                .send(Err(CaptureError::Decode(e.to_string())))
-                                .await;
+                            let _ = frames_tx.send(Err(CaptureError::Decode(e.to_string())));
                             return;
                         }
                     },
                 };
-                let end = matches!(frame, Frame::End);
-                if frames_tx.send(Ok(frame)).await.is_err() || end {
+                if frames_tx.send(Ok(frame)).is_err() {
                     return;
                 }
             }
