@@ -117,9 +117,21 @@ drain_sb() {
 # transactions, and both slots' restart_lsn moves past this run's backlog. Without
 # it the next run's walsender decodes this backlog again (as in production, where
 # the consumer stays connected and restart_lsn keeps moving).
+# A slot's restart_lsn moves only to a running-transactions record that its
+# walsender decoded before the consumer confirmed past it; on an idle hub no new
+# one comes, so a slot that missed the checkpoint's would wait forever: checkpoint
+# again every 3 s (each logs one), and give up after 60 s.
 settle_slots() { # slot names, quoted for SQL
-  local lsn; lsn=$(H -Atc "select pg_current_wal_lsn()"); H -c checkpoint
-  until [ "$(H -Atc "select bool_and(restart_lsn >= '$lsn') from pg_replication_slots where slot_name in ($1)")" = t ]; do sleep 0.1; done
+  local lsn; lsn=$(H -Atc "select pg_current_wal_lsn()")
+  for _ in $(seq 20); do
+    H -c checkpoint
+    for _ in $(seq 30); do
+      [ "$(H -Atc "select bool_and(restart_lsn >= '$lsn') from pg_replication_slots where slot_name in ($1)")" = t ] && return 0
+      sleep 0.1
+    done
+  done
+  echo "slots $1 did not move past $lsn in 60 s:"; H -c "select slot_name, active, restart_lsn, confirmed_flush_lsn from pg_replication_slots"
+  return 1
 }
 # The decoder's own pace: pg_recvlogical reads the same backlog through pgoutput
 # into /dev/null (a fresh slot per run). No consumer can drain faster than this.
