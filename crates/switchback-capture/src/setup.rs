@@ -171,7 +171,7 @@ pub async fn prepare_after(
     let matching = futures_util::future::join_all(
         specs
             .iter()
-            .map(|spec| hub::publication_matches(&session, spec)),
+            .map(|spec| hub::publication_matches(&session, spec, version)),
     )
     .await;
     for (spec, matches) in specs.into_iter().zip(matching) {
@@ -200,6 +200,7 @@ pub async fn prepare_after(
                 Change::IdentityFull(t, why) => identity_full(&session, &t, why).await?,
                 Change::Publication(spec) => hub::ensure_publication(&session, &spec).await?,
                 Change::DropPublication(name) => hub::drop_publication(&session, &name).await?,
+                // Read again before creating: the check may have taken a while.
                 Change::CreateSlot => slot_start = hub::ensure_slot(&session, &slot).await?,
             }
         }

@@ -177,34 +177,42 @@ pub struct PublicationSpec {
 /// a row filter. A spec with a row filter never matches (PostgreSQL keeps the
 /// filter deparsed, so it cannot be compared to the configured text): such a
 /// publication is set again at every start.
-pub async fn publication_matches(hub: &Session, spec: &PublicationSpec) -> Result<bool, PgError> {
+pub async fn publication_matches(
+    hub: &Session,
+    spec: &PublicationSpec,
+    server_version: u32,
+) -> Result<bool, PgError> {
     if spec.tables.iter().any(|t| t.row_filter.is_some()) {
         return Ok(false);
     }
-    // One row per publication: its options, whether anything is published by
-    // schema (PG15+) or with a row filter (PG15+), and its tables.
+    // Schemas in a publication and row filters exist from PG15 on; before, the
+    // catalogs they live in do not (a CASE on the version would not do: the
+    // query is parsed whole).
+    let by_schema_or_filter = if server_version >= 150000 {
+        "(SELECT count(*) FROM pg_catalog.pg_publication_namespace pn WHERE pn.pnpubid = p.oid) \
+         + (SELECT count(*) FROM pg_catalog.pg_publication_rel pr \
+            WHERE pr.prpubid = p.oid AND pr.prqual IS NOT NULL)"
+    } else {
+        "0::int8"
+    };
+    // One row per publication: its options, how much is published by schema or
+    // with a row filter, and its tables.
+    let sql = format!(
+        "SELECT p.pubinsert, p.pubupdate, p.pubdelete, p.pubtruncate, \
+                p.pubviaroot AND NOT p.puballtables, {by_schema_or_filter}, \
+                ARRAY(SELECT n.nspname::text FROM pg_catalog.pg_publication_rel pr \
+                      JOIN pg_catalog.pg_class c ON c.oid = pr.prrelid \
+                      JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace \
+                      WHERE pr.prpubid = p.oid ORDER BY n.nspname, c.relname), \
+                ARRAY(SELECT c.relname::text FROM pg_catalog.pg_publication_rel pr \
+                      JOIN pg_catalog.pg_class c ON c.oid = pr.prrelid \
+                      JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace \
+                      WHERE pr.prpubid = p.oid ORDER BY n.nspname, c.relname) \
+         FROM pg_catalog.pg_publication p WHERE p.pubname = $1"
+    );
     let row = hub
         .client
-        .query_opt(
-            "SELECT p.pubinsert, p.pubupdate, p.pubdelete, p.pubtruncate, \
-                    p.pubviaroot AND NOT p.puballtables, \
-                    CASE WHEN current_setting('server_version_num')::int >= 150000 THEN \
-                      (SELECT count(*) FROM pg_catalog.pg_publication_namespace pn \
-                        WHERE pn.pnpubid = p.oid) \
-                      + (SELECT count(*) FROM pg_catalog.pg_publication_rel pr \
-                          WHERE pr.prpubid = p.oid AND pr.prqual IS NOT NULL) \
-                    ELSE 0 END, \
-                    ARRAY(SELECT n.nspname::text FROM pg_catalog.pg_publication_rel pr \
-                          JOIN pg_catalog.pg_class c ON c.oid = pr.prrelid \
-                          JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace \
-                          WHERE pr.prpubid = p.oid ORDER BY n.nspname, c.relname), \
-                    ARRAY(SELECT c.relname::text FROM pg_catalog.pg_publication_rel pr \
-                          JOIN pg_catalog.pg_class c ON c.oid = pr.prrelid \
-                          JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace \
-                          WHERE pr.prpubid = p.oid ORDER BY n.nspname, c.relname) \
-             FROM pg_catalog.pg_publication p WHERE p.pubname = $1",
-            &[&spec.name],
-        )
+        .query_opt(sql.as_str(), &[&spec.name])
         .await
         .map_err(|e| hub.err(e))?;
     let Some(row) = row else { return Ok(false) };
